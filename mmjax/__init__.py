@@ -1,0 +1,3 @@
+"""mmjax: multimodal large language models in JAX/Flax."""
+
+__version__ = "0.1.0"

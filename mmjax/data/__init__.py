@@ -1,0 +1,1 @@
+"""Data: the embedded dataset, bring-your-own builders, tokenizer, grain pipelines."""

@@ -1,0 +1,1 @@
+"""Pallas kernels and the XLA references they are tested against."""

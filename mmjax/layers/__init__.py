@@ -1,0 +1,1 @@
+"""Layers shared by every model family: attention, feed-forward, norms, position embeddings."""

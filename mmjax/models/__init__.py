@@ -1,0 +1,1 @@
+"""Model families, composed from mmjax.layers: vision towers, bridges, decoders."""

@@ -1,0 +1,1 @@
+"""Training: state, optimizer and freezing, the loop, checkpoints, metrics."""
