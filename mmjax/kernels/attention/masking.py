@@ -1,0 +1,178 @@
+"""The mask of ``reference.py`` as tile arithmetic, shared by the TPU and GPU kernels.
+
+Dimension letters: B batch, T query length, S key length, C id columns, n tiles.
+
+The kernels never see a dense [T, S] mask. Each query carries up to three integer ids
+(its position, its segment, the index of its last image) and each key the matching three
+(position, segment, image id). The wrapper stacks the ids that the call uses into
+``query_ids`` [B, T, C] and ``key_ids`` [B, C, S] (columns in the order of
+:attr:`MaskSpec.columns`), and a kernel rebuilds the [block_q, block_kv] mask of one tile
+from the two id tiles.
+
+A tile is skipped when no query of it may attend to any key of it. That is decided
+before the tile is read, from the minimum and maximum of every id over each tile
+(:func:`tile_ranges`): a conservative test (a live tile may still be all masked, never
+the other way round), so skipping never changes the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """Which parts of the mask language a call uses; static, so the kernel specialises."""
+
+  causal: bool = False
+  segments: bool = False
+  images: bool = False
+  only_attend_immediate_media: bool = True
+  # The unpadded key length; keys at or past it are padding and always masked. None when
+  # the key length needed no padding.
+  key_length: int | None = None
+
+  @property
+  def columns(self) -> tuple[str, ...]:
+    """The id columns the kernels read, in order."""
+    return tuple(name for name, used in (("position", self.causal),
+                                         ("segment", self.segments),
+                                         ("image", self.images)) if used)
+
+  def column(self, name: str) -> int:
+    return self.columns.index(name)
+
+
+def stack_ids(
+    spec: MaskSpec,
+    batch: int,
+    query_length: int,
+    key_length: int,
+    *,
+    query_positions=None,
+    key_positions=None,
+    query_segment_ids=None,
+    key_segment_ids=None,
+    query_image_index=None,
+    key_image_ids=None,
+) -> tuple[jax.Array | None, jax.Array | None]:
+  """(Int32[B, T, C], Int32[B, C, S]) of the ids ``spec`` uses, or (None, None) if none."""
+  if not spec.columns:
+    return None, None
+  query_columns, key_columns = [], []
+  if spec.causal:
+    # Causal attention without explicit positions is causal over the index.
+    if query_positions is None:
+      query_positions = jnp.broadcast_to(jnp.arange(query_length, dtype=jnp.int32),
+                                         (batch, query_length))
+    if key_positions is None:
+      key_positions = jnp.broadcast_to(jnp.arange(key_length, dtype=jnp.int32),
+                                       (batch, key_length))
+    query_columns.append(query_positions)
+    key_columns.append(key_positions)
+  if spec.segments:
+    query_columns.append(query_segment_ids)
+    key_columns.append(key_segment_ids)
+  if spec.images:
+    query_columns.append(query_image_index)
+    key_columns.append(key_image_ids)
+  query_ids = jnp.stack([c.astype(jnp.int32) for c in query_columns], axis=2)
+  key_ids = jnp.stack([c.astype(jnp.int32) for c in key_columns], axis=1)
+  return query_ids, key_ids
+
+
+def tile_allowed(spec: MaskSpec, query_ids, key_ids, key_start, block_q: int,
+                 block_kv: int) -> jax.Array | None:
+  """Bool[block_q, block_kv] mask of one tile, or None if every pair is allowed.
+
+  ``query_ids`` is the [block_q, C] id tile of the queries, ``key_ids`` the [C, block_kv]
+  id tile of the keys, ``key_start`` the index of the tile's first key.
+  """
+  allowed = None
+
+  def conj(a, b):
+    return b if a is None else jnp.logical_and(a, b)
+
+  def q_col(name):
+    c = spec.column(name)
+    return query_ids[:, c:c + 1]  # [block_q, 1]
+
+  def k_col(name):
+    c = spec.column(name)
+    return key_ids[c:c + 1, :]  # [1, block_kv]
+
+  shape = (block_q, block_kv)
+  if spec.causal:
+    allowed = conj(allowed, jnp.broadcast_to(k_col("position"), shape)
+                   <= jnp.broadcast_to(q_col("position"), shape))
+  if spec.segments:
+    allowed = conj(allowed, jnp.broadcast_to(q_col("segment"), shape)
+                   == jnp.broadcast_to(k_col("segment"), shape))
+  if spec.images:
+    q_img = jnp.broadcast_to(q_col("image"), shape)
+    k_img = jnp.broadcast_to(k_col("image"), shape)
+    seen = (k_img == q_img) if spec.only_attend_immediate_media else (k_img <= q_img)
+    allowed = conj(allowed, jnp.logical_and(seen, q_img > 0))
+  if spec.key_length is not None:
+    key_index = key_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    allowed = conj(allowed, key_index < spec.key_length)
+  return allowed
+
+
+def tile_ranges(ids: jax.Array, block: int, axis: int) -> jax.Array:
+  """Int32[B, n, C, 2]: (min, max) of each id column over each tile of ``block`` along
+  ``axis`` (1 for query ids [B, T, C], 2 for key ids [B, C, S])."""
+  if axis == 2:
+    ids = jnp.swapaxes(ids, 1, 2)
+  b, length, c = ids.shape
+  tiles = ids.reshape(b, length // block, block, c)
+  return jnp.stack([tiles.min(axis=2), tiles.max(axis=2)], axis=-1)
+
+
+def tile_live(spec: MaskSpec, query_range: Callable, key_range: Callable, key_start):
+  """Bool scalar: may any query of a tile attend to any key of it?
+
+  ``query_range(name)`` and ``key_range(name)`` return the (min, max) scalars of an id
+  column over the query and the key tile; ``key_start`` is the tile's first key index.
+  """
+  live = None
+
+  def conj(a, b):
+    return b if a is None else jnp.logical_and(a, b)
+
+  if spec.causal:
+    _, q_max = query_range("position")
+    k_min, _ = key_range("position")
+    live = conj(live, k_min <= q_max)
+  if spec.segments:
+    q_min, q_max = query_range("segment")
+    k_min, k_max = key_range("segment")
+    live = conj(live, jnp.logical_and(q_min <= k_max, k_min <= q_max))
+  if spec.images:
+    q_min, q_max = query_range("image")
+    k_min, k_max = key_range("image")
+    live = conj(live, jnp.logical_and(q_max > 0, k_min <= q_max))
+    if spec.only_attend_immediate_media:
+      live = jnp.logical_and(live, jnp.maximum(q_min, 1) <= k_max)
+  if spec.key_length is not None:
+    live = conj(live, key_start < spec.key_length)
+  return live
+
+
+def round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def pad_axis(x: jax.Array | None, axis: int, length: int) -> jax.Array | None:
+  """``x`` padded at the end of ``axis`` to ``length``: zeros for floats, the last id
+  repeated for integer ids (keeps tile ranges tight; padded keys are masked by index)."""
+  if x is None or x.shape[axis] == length:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, length - x.shape[axis])
+  mode = "edge" if jnp.issubdtype(x.dtype, jnp.integer) else "constant"
+  return jnp.pad(x, widths, mode=mode)
