@@ -17,6 +17,27 @@ from mmjax.sharding import check_logical_axes
 default_kernel_init = nn.initializers.lecun_normal()
 
 
+class _FlatKernelBox(nn.LogicallyPartitioned):
+  """A LogicallyPartitioned whose unbox skips the constraint while ranks disagree.
+
+  nn.DenseGeneral builds a multi-axis kernel flat ([in, out]) and unboxes it to reshape
+  it; with a mesh in context (mmjax.sharding.activation_rules) unbox() would constrain
+  the rank-2 flat kernel with the rank-3 names and fail (flax 0.12.8). Parameters are
+  placed by jit's in_shardings, so that constraint is not needed. (Added by the scale
+  issue: sharded steps trace the model under a mesh.)
+  """
+
+  def unbox(self, apply_constraint=True):
+    rank_ok = len(getattr(self.value, "shape", ())) == len(self.names)
+    return super().unbox(apply_constraint=apply_constraint and rank_ok)
+
+
+def _logical_init(init, names):
+  def wrapper(*args, **kwargs):
+    return _FlatKernelBox(init(*args, **kwargs), names)
+  return wrapper
+
+
 def dense(
     features: int | Sequence[int],
     kernel_axes: tuple[str | None, ...],
@@ -43,7 +64,7 @@ def dense(
       use_bias=use_bias,
       dtype=jnp.dtype(dtype),
       param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(kernel_init, kernel_axes),
+      kernel_init=_logical_init(kernel_init, kernel_axes),
       bias_init=nn.with_logical_partitioning(bias_init, kernel_axes[-n_out:]),
       name=name,
   )
