@@ -1,0 +1,80 @@
+"""Experiment configs: load `configs/**.py`, apply `--config.a.b=value` overrides, write the resolved config.
+
+A config file defines `get_config(arg=None) -> ml_collections.ConfigDict`. The command line
+is parsed with `ml_collections.config_flags` on a private `absl.flags.FlagValues`, so every
+field of the config can be overridden with its own type checked (`--config.optimizer.lr=3e-4`)
+and `--config=path.py:arg` passes `arg` to `get_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+RESOLVED_CONFIG = "config.json"
+
+
+def parse_flags(argv: Sequence[str], *, prog: str, extra: dict[str, tuple[str | None, str]] | None = None,
+                require_config: bool = True) -> tuple[ml_collections.ConfigDict | None, dict[str, str | None]]:
+  """Parses `--config=FILE [--config.x.y=v ...] [--NAME=value ...]`.
+
+  `extra` maps flag names to (default, help) for string flags such as `--workdir`.
+  Returns the resolved config (None when `--config` is absent and not required) and the
+  values of the extra flags. Raises ValueError on an unknown flag or a bad override.
+  """
+  fv = flags.FlagValues()
+  full = [prog, *argv]
+  config_flags.DEFINE_config_file("config", default=None, help_string="experiment config file", flag_values=fv,
+                                  lock_config=True, sys_argv=full)
+  for name, (default, help_) in (extra or {}).items():
+    flags.DEFINE_string(name, default, help_, flag_values=fv)
+  try:
+    fv(full)
+  except (flags.Error, KeyError, AttributeError, TypeError) as e:
+    raise ValueError(f"{prog}: bad command line {list(argv)}: {e}") from None
+  config = fv.config
+  if config is None and require_config:
+    raise ValueError(f"{prog}: --config=configs/...py is required")
+  return config, {name: fv[name].value for name in (extra or {})}
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads a config file with `--config.x=v` style overrides (for tests and notebooks)."""
+  config, _ = parse_flags([f"--config={path}", *overrides], prog="load_config")
+  return config
+
+
+def write_resolved(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the config as JSON into `workdir` (what this run actually used); returns the path."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, RESOLVED_CONFIG)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+  return path
+
+
+def read_resolved(workdir: str) -> ml_collections.ConfigDict:
+  """Reads the config a training run wrote into `workdir`."""
+  path = os.path.join(workdir, RESOLVED_CONFIG)
+  if not os.path.exists(path):
+    raise ValueError(f"{workdir!r} has no {RESOLVED_CONFIG}; expected a work directory written by `mmjax train`")
+  with open(path) as f:
+    return from_dict(json.load(f))
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+  """ConfigDict from plain JSON data (lists become tuples, as config files write them)."""
+  def fix(v):
+    if isinstance(v, dict):
+      return {k: fix(x) for k, x in v.items()}
+    if isinstance(v, list):
+      return tuple(fix(x) for x in v)
+    return v
+  return ml_collections.ConfigDict(fix(d))

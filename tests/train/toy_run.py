@@ -1,0 +1,24 @@
+"""`python -m tests.train.toy_run --workdir DIR [--config.x=v ...]`: trains the toy task in a subprocess.
+
+Used by the resume and preemption tests; prints `SUMMARY start_step step preempted` at the end.
+"""
+
+import sys
+
+from mmjax.train import config as config_lib
+from mmjax.train import loop
+from tests.train import toy
+
+
+def main(argv):
+  _, extra = config_lib.parse_flags(argv, prog="toy_run", extra={"workdir": (None, "work dir")},
+                                    require_config=False)
+  overrides = [a for a in argv if a.startswith("--config.")]
+  config = toy.config(*overrides)
+  summary = loop.train(config, extra["workdir"], toy.task(config))
+  print("SUMMARY", summary["start_step"], summary["step"], summary["preempted"], flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
