@@ -1,13 +1,30 @@
 """Flamingo: vision tower -> Perceiver Resampler -> decoder with gated cross-attention.
 
-Dimension letters: B batch, N images, H/W pixels, T text length, V vocabulary.
+Dimension letters: B batch, N images, H/W pixels, P patches, L latents, Dv vision width,
+T text length, V vocabulary.
+
+Top-level parameters: ``vision`` (a ``VisionTransformer``), ``resampler`` (a
+``PerceiverResampler``), ``decoder`` (a ``Decoder``, whose ``xattn_{i}`` modules are the
+gated cross-attention layers). :func:`param_labels` names each parameter's component so
+that training can freeze any set of them (optax masks).
+
+Input checks (:func:`validate_inputs`): shapes, ranks and dtypes are checked always;
+checks on values (token ids in the vocabulary, one image per ``<image>`` token) run
+eagerly, when the arrays are concrete. Under ``jax.jit`` only the shape checks can run:
+the trainer's data pipeline validates the values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from mmjax.models.decoder import DecoderConfig
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models.decoder import Decoder, DecoderConfig
 from mmjax.models.perceiver import PerceiverConfig
 from mmjax.models.vit import ViTConfig
 
@@ -21,3 +38,188 @@ class FlamingoConfig:
   media_token_id: int = 32000
   # Token id of <|endofchunk|>.
   end_of_chunk_token_id: int = 32001
+
+
+LABELS = ("vision", "resampler", "xattn", "lm")
+
+
+def image_index_from_ids(input_ids: jax.Array, media_token_id: int) -> jax.Array:
+  """Int32[B, T]: number of <image> tokens at or before each token (0: no image yet)."""
+  return jnp.cumsum((input_ids == media_token_id).astype(jnp.int32), axis=1, dtype=jnp.int32)
+
+
+def _concrete(x) -> np.ndarray | None:
+  """x as a numpy array, or None when it is a tracer (inside jit)."""
+  if x is None:
+    return None
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def validate_inputs(
+    config: FlamingoConfig,
+    images: Any,
+    input_ids: Any,
+    image_mask: Any = None,
+    *,
+    max_length: int | None = None,
+) -> None:
+  """Raises ValueError naming the first bad input of ``Flamingo.__call__``.
+
+  Args:
+    config: the model config.
+    images: UInt8 or Float[B, N, H, W, 3].
+    input_ids: Int[B, T].
+    image_mask: optional Bool[B, N], True for real images (the rest are padding).
+    max_length: the longest allowed T (default ``config.decoder.max_length``).
+  """
+  max_length = config.decoder.max_length if max_length is None else max_length
+  vocab = config.decoder.vocab_size
+  if images is None:
+    raise ValueError("images is None; expected UInt8 or Float[B, N, H, W, 3]")
+  if getattr(input_ids, "ndim", None) != 2:
+    raise ValueError(
+        f"input_ids has shape {getattr(input_ids, 'shape', None)}; expected [batch, length]")
+  if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise ValueError(f"input_ids has dtype {input_ids.dtype}; expected an integer dtype")
+  b, t = input_ids.shape
+  if t > max_length:
+    raise ValueError(f"sequence length {t} exceeds the configured maximum {max_length}")
+  if images.ndim != 5 or images.shape[-1] != 3:
+    raise ValueError(
+        f"images has shape {images.shape}; expected rank 5 [batch, images, height, width, 3]")
+  if images.dtype != jnp.uint8 and not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images has dtype {images.dtype}; expected uint8 or a float dtype")
+  if images.shape[0] != b:
+    raise ValueError(f"images has batch {images.shape[0]} but input_ids has batch {b}")
+  n = images.shape[1]
+  if image_mask is not None and tuple(image_mask.shape) != (b, n):
+    raise ValueError(f"image_mask has shape {image_mask.shape}; expected {(b, n)}")
+
+  ids = _concrete(input_ids)
+  if ids is None:
+    return  # Under jit: values are the data pipeline's to validate.
+  bad = (ids < 0) | (ids >= vocab)
+  if bad.any():
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"token id {int(ids[where])} at {where} is outside the vocabulary [0, {vocab})")
+  num_tokens = (ids == config.media_token_id).sum(axis=1)
+  mask = _concrete(image_mask)
+  num_images = np.full((b,), n) if mask is None else mask.astype(bool).sum(axis=1)
+  for i in range(b):
+    if num_tokens[i] != num_images[i]:
+      raise ValueError(
+          f"example {i} has {int(num_images[i])} images but {int(num_tokens[i])} <image>"
+          f" tokens (id {config.media_token_id}); expected one image per <image> token")
+
+
+class Flamingo(nn.Module):
+  """Images [B, N, H, W, 3] and token ids [B, T] -> logits float32 [B, T, V]."""
+
+  config: FlamingoConfig
+
+  def setup(self):
+    from mmjax.models.perceiver import PerceiverResampler  # pylint: disable=g-import-not-at-top
+    from mmjax.models.vit import VisionTransformer  # pylint: disable=g-import-not-at-top
+    c = self.config
+    if c.decoder.cross_attn_every_n_layers and c.decoder.media_width != c.resampler.width:
+      raise ValueError(
+          f"decoder.media_width={c.decoder.media_width} differs from resampler.width="
+          f"{c.resampler.width}; the cross-attention reads the resampler's latents")
+    if c.resampler.width != c.vision.width:
+      raise ValueError(
+          f"resampler.width={c.resampler.width} differs from vision.width={c.vision.width}")
+    self.vision = VisionTransformer(c.vision)
+    self.resampler = PerceiverResampler(c.resampler)
+    self.decoder = Decoder(c.decoder)
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """Float[B, N, L, Dv] latents from images UInt8/Float[B, N, H, W, 3].
+
+    Images are normalised with the vision config's mean/std; the CLS token is dropped
+    (OpenFlamingo feeds the resampler ``visual(x)[1]``, the patch tokens).
+    """
+    from mmjax.models.vit import normalize_images  # pylint: disable=g-import-not-at-top
+    b, n, h, w, ch = images.shape
+    pixels = normalize_images(images.reshape(b * n, h, w, ch), self.config.vision)
+    tokens = self.vision(pixels)  # [B*N, P(+1), Dv]
+    if self.config.vision.class_token:
+      tokens = tokens[:, 1:]
+    tokens = tokens.reshape(b, n, 1, tokens.shape[1], tokens.shape[2])  # one frame each
+    tokens = nn.with_logical_constraint(tokens, ("batch", "images", "frames", "patches", "embed"))
+    latents = self.resampler(tokens)
+    return nn.with_logical_constraint(latents, ("batch", "images", "latents", "embed"))
+
+  def compute_media_kv(self, images: jax.Array) -> dict:
+    """Every cross-attention layer's media keys/values for images [B, N, H, W, 3]."""
+    return self.decoder.compute_media_kv(self.encode_images(images))
+
+  def decode(
+      self,
+      input_ids: jax.Array,
+      *,
+      image_index: jax.Array,
+      media_kv: dict,
+      positions: jax.Array | None = None,
+      cache: dict | None = None,
+  ) -> tuple[jax.Array, dict | None]:
+    """The decoder over precomputed media keys/values: (logits [B, T, V], new cache)."""
+    return self.decoder(input_ids, image_index=image_index, media_kv=media_kv,
+                        positions=positions, cache=cache)
+
+  def __call__(
+      self,
+      images: jax.Array,
+      input_ids: jax.Array,
+      image_index: jax.Array | None = None,
+      image_mask: jax.Array | None = None,
+  ) -> jax.Array:
+    """Logits float32 [B, T, V].
+
+    Args:
+      images: UInt8 (0..255) or Float[B, N, H, W, 3] (as ``vit.normalize_images``
+        expects); N may include padding images (see image_mask).
+      input_ids: Int[B, T], with one ``media_token_id`` per real image.
+      image_index: Int[B, T]; default ``cumsum(input_ids == media_token_id)``.
+      image_mask: Bool[B, N], True for real images; padding images must come last.
+    """
+    validate_inputs(self.config, images, input_ids, image_mask)
+    if image_index is None:
+      image_index = image_index_from_ids(input_ids, self.config.media_token_id)
+    media = self.encode_images(images)
+    logits, _ = self.decoder(input_ids, image_index=image_index, media=media)
+    return logits
+
+
+def _path_keys(path) -> list[str]:
+  keys = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      keys.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      keys.append(k.name)
+  return keys
+
+
+def param_label(keys: list[str] | tuple[str, ...]) -> str:
+  """'vision' | 'resampler' | 'xattn' | 'lm' for one parameter's key path."""
+  keys = [k for k in keys if k != "params"]
+  if keys and keys[0] == "vision":
+    return "vision"
+  if keys and keys[0] == "resampler":
+    return "resampler"
+  if any(k.startswith("xattn_") for k in keys):
+    return "xattn"
+  return "lm"
+
+
+def param_labels(params: Any) -> Any:
+  """A tree like ``params`` (boxed or not, with or without the 'params' level) whose
+  leaves are 'vision', 'resampler', 'xattn' or 'lm' — for ``optax.multi_transform``
+  or freezing masks."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: param_label(_path_keys(path)), params,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
