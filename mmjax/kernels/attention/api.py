@@ -1,17 +1,34 @@
-"""The attention entry point: validates inputs, then dispatches to a backend.
+"""The attention entry point: validates inputs, picks a backend, calls it under shard_map.
 
-Every attention in the zoo calls :func:`attention`; see ``reference.py`` for the mask
-semantics, which every backend reproduces exactly.
+Every attention in the zoo calls :func:`attention`; ``reference.py`` defines the mask
+semantics, which every backend reproduces exactly:
+
+- ``XLA``: the reference itself (dense [T, S] logits; fine for short sequences).
+- ``PALLAS_TPU``: ``tpu.py``, Mosaic flash kernels, forward and backward.
+- ``PALLAS_GPU``: ``gpu.py``, Triton-lowered flash kernels, forward and backward.
+- ``CUDNN``: ``jax.nn.dot_product_attention(implementation='cudnn')`` with a dense
+  mask built from the ids (JAX turns it into a bias; slow, but the comparison point).
+
+With ``backend=None`` the platform picks (:func:`default_backend`) and calls whose
+dense logits would be small go to XLA (:data:`XLA_BELOW_LOGITS`). A Pallas kernel runs
+inside ``jax.shard_map`` whenever a mesh is in context (``jax.set_mesh`` /
+``jax.sharding.use_abstract_mesh``, or a legacy ``with mesh:``): batch split over the mesh's
+``dcn``/``data``/``fsdp`` axes, heads over ``tensor``. Mosaic kernels cannot be
+partitioned automatically, so this boundary is what lets sharded models use them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import threading
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-from mmjax.kernels.attention import reference
+from mmjax.kernels.attention import masking, reference
+from mmjax.kernels.attention.block_sizes import BlockSizes
 
 
 class AttentionBackend(enum.Enum):
@@ -21,9 +38,46 @@ class AttentionBackend(enum.Enum):
   CUDNN = "cudnn"
 
 
-def default_backend() -> AttentionBackend:
-  """The backend used when none is given. XLA until the kernels are measured faster."""
+# With backend=None, a call whose logits T x S hold fewer elements than this per head
+# runs on XLA: its dense logits are at most 4 MiB of float32 per head, so the reference
+# costs little memory, and a flash kernel's tiling overhead dominates short sequences
+# (decode steps with T = 1, Flamingo cross-attention over a few hundred latents). The
+# value comes from that memory argument; kernel-versus-XLA speed has not been measured
+# on a TPU or GPU yet (see README.md), and the crossover should be set from that.
+XLA_BELOW_LOGITS = 1024 * 1024
+
+# Mesh axes that split the batch, and the one that splits heads (mmjax/sharding.py).
+BATCH_MESH_AXES = ("dcn", "data", "fsdp")
+HEADS_MESH_AXIS = "tensor"
+
+
+def default_backend(platform: str | None = None) -> AttentionBackend:
+  """The backend used when none is given, for ``platform`` (default: JAX's backend).
+
+  TPU: the Pallas TPU kernels (their Mosaic lowering is compiled for v5e and v6e in the
+  tests; memory linear in length). GPU and CPU: XLA, until the GPU kernel has been
+  measured on a GPU (it has only run in interpret mode).
+  """
+  platform = platform or jax.default_backend()
+  if platform == "tpu":
+    return AttentionBackend.PALLAS_TPU
   return AttentionBackend.XLA
+
+
+_interpret = threading.local()
+
+
+@contextlib.contextmanager
+def force_interpret():
+  """Within this context (at trace time) the Pallas backends run in interpret mode:
+  TPU kernels through ``pltpu.InterpretParams()``, GPU kernels with ``interpret=True``.
+  This is how tests run models with a Pallas backend on CPU."""
+  previous = getattr(_interpret, "on", False)
+  _interpret.on = True
+  try:
+    yield
+  finally:
+    _interpret.on = previous
 
 
 def _check_ids(name: str, ids: jax.Array | None, shape: tuple[int, int]) -> None:
@@ -71,6 +125,50 @@ def validate(
   _check_ids("key_image_ids", key_image_ids, (b, s))
 
 
+def _context_mesh(mesh):
+  """The mesh to shard_map over: the given one, the one in context, or None."""
+  if mesh is not None:
+    return mesh
+  abstract = jax.sharding.get_abstract_mesh()
+  if not abstract.empty:
+    return abstract
+  try:  # A legacy `with mesh:` context; no public accessor in JAX 0.10.
+    from jax._src import mesh as mesh_lib
+    physical = mesh_lib.thread_resources.env.physical_mesh
+  except (ImportError, AttributeError):
+    return None
+  return None if physical.empty else physical
+
+
+def _mesh_axes(mesh, batch: int, heads: int, kv_heads: int):
+  """(batch axes, heads axis or None): the mesh axes the kernel call is split over.
+
+  An axis is used only if it is in the mesh, larger than 1, not already manual (we may
+  be inside an enclosing shard_map), and divides the dimension it splits.
+  """
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  manual = set(getattr(mesh, "manual_axes", ()))
+  batch_axes, parts = [], 1
+  for name in BATCH_MESH_AXES:
+    n = sizes.get(name, 1)
+    if n > 1 and name not in manual and batch % (parts * n) == 0:
+      batch_axes.append(name)
+      parts *= n
+  n = sizes.get(HEADS_MESH_AXIS, 1)
+  heads_axis = None
+  if n > 1 and HEADS_MESH_AXIS not in manual and heads % n == 0 and kv_heads % n == 0:
+    heads_axis = HEADS_MESH_AXIS
+  return tuple(batch_axes), heads_axis
+
+
+def _cudnn(query, key, value, allowed, scale):
+  """cuDNN fused attention with the mask made dense; rows with no allowed key -> 0."""
+  out = jax.nn.dot_product_attention(query, key, value, mask=allowed[:, None], scale=scale,
+                                     implementation="cudnn")
+  any_allowed = jnp.any(allowed, axis=-1)[:, :, None, None]
+  return jnp.where(any_allowed, out, jnp.zeros((), out.dtype))
+
+
 def attention(
     query: jax.Array,
     key: jax.Array,
@@ -86,8 +184,24 @@ def attention(
     only_attend_immediate_media: bool = True,
     scale: float | None = None,
     backend: AttentionBackend | str | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
 ) -> jax.Array:
-  """Float[B, T, H, K]: attention of query [B, T, H, K] over key, value [B, S, G, K]."""
+  """Float[B, T, H, K]: attention of query [B, T, H, K] over key, value [B, S, G, K].
+
+  Args:
+    causal, query_positions, ..., only_attend_immediate_media: the mask (see
+      ``reference.py``). Decode over a KV cache: ``causal=True``, ``query_positions``
+      [B, 1] the current position, ``key_positions`` the cache slots' positions.
+    scale: multiplies the logits; default ``head_dim ** -0.5``.
+    backend: an :class:`AttentionBackend` or its string value; None picks one by
+      platform and size (module docstring).
+    block_sizes: tiles of the Pallas kernels; default per backend.
+    interpret: run a Pallas backend in interpret mode (for CPU tests); default: inside
+      :func:`force_interpret` only.
+    mesh: shard_map the kernel over this mesh; default: the mesh in context, if any.
+  """
   validate(
       query, key, value,
       query_positions=query_positions,
@@ -97,11 +211,21 @@ def attention(
       query_image_index=query_image_index,
       key_image_ids=key_image_ids,
   )
-  backend = default_backend() if backend is None else AttentionBackend(backend)
-  if backend is not AttentionBackend.XLA:
-    raise NotImplementedError(f"attention backend {backend.value!r} is not implemented yet")
-  return reference.attention_reference(
-      query, key, value,
+  b, t, h, d = query.shape
+  s, g = key.shape[1], key.shape[2]
+  if scale is None:
+    scale = d**-0.5
+  if backend is None:
+    backend = default_backend()
+    if t * s < XLA_BELOW_LOGITS:
+      backend = AttentionBackend.XLA
+  else:
+    try:
+      backend = AttentionBackend(backend)
+    except ValueError:
+      raise ValueError(f"backend={backend!r}, expected one of "
+                       f"{[b_.value for b_ in AttentionBackend]} or None") from None
+  mask_kwargs = dict(
       causal=causal,
       query_positions=query_positions,
       key_positions=key_positions,
@@ -109,6 +233,52 @@ def attention(
       key_segment_ids=key_segment_ids,
       query_image_index=query_image_index,
       key_image_ids=key_image_ids,
-      only_attend_immediate_media=only_attend_immediate_media,
-      scale=scale,
   )
+  if backend is AttentionBackend.XLA:
+    return reference.attention_reference(
+        query, key, value, **mask_kwargs,
+        only_attend_immediate_media=only_attend_immediate_media, scale=scale)
+  if backend is AttentionBackend.CUDNN:
+    allowed = reference.allowed_mask(b, t, s, **mask_kwargs,
+                                     only_attend_immediate_media=only_attend_immediate_media)
+    return _cudnn(query, key, value, allowed, scale)
+
+  if interpret is None:
+    interpret = getattr(_interpret, "on", False)
+  if backend is AttentionBackend.PALLAS_TPU:
+    from mmjax.kernels.attention import tpu as kernel
+  else:
+    from mmjax.kernels.attention import gpu as kernel
+  spec = masking.MaskSpec(
+      causal=causal,
+      segments=query_segment_ids is not None,
+      images=query_image_index is not None,
+      only_attend_immediate_media=only_attend_immediate_media,
+  )
+  del mask_kwargs["causal"]
+  query_ids, key_ids = masking.stack_ids(spec, b, t, s, **mask_kwargs)
+
+  def call(q, k, v, q_ids, k_ids):
+    return kernel.flash_attention(q, k, v, q_ids, k_ids, spec=spec, scale=scale,
+                                  block_sizes=block_sizes, interpret=interpret)
+
+  mesh = _context_mesh(mesh)
+  if mesh is None:
+    return call(query, key, value, query_ids, key_ids)
+  batch_axes, heads_axis = _mesh_axes(mesh, b, h, g)
+  batch_spec = batch_axes if batch_axes else None
+  qkv_spec = PartitionSpec(batch_spec, None, heads_axis, None)
+  ids_spec = PartitionSpec(batch_spec, None, None)
+  args = (query, key, value, query_ids, key_ids)
+  specs = (qkv_spec, qkv_spec, qkv_spec, ids_spec, ids_spec)
+  if getattr(mesh, "explicit_axes", ()):
+    # Explicit-sharding meshes make shard_map check, not change, its inputs' shardings.
+    args = tuple(None if x is None else jax.sharding.reshard(x, spec)
+                 for x, spec in zip(args, specs))
+  return jax.shard_map(
+      call,
+      mesh=mesh,
+      in_specs=specs,
+      out_specs=qkv_spec,
+      check_vma=False,
+  )(*args)

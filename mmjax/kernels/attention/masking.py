@@ -85,26 +85,20 @@ def stack_ids(
   return query_ids, key_ids
 
 
-def tile_allowed(spec: MaskSpec, query_ids, key_ids, key_start, block_q: int,
-                 block_kv: int) -> jax.Array | None:
+def tile_allowed(spec: MaskSpec, query_column: Callable, key_column: Callable, key_start,
+                 block_q: int, block_kv: int) -> jax.Array | None:
   """Bool[block_q, block_kv] mask of one tile, or None if every pair is allowed.
 
-  ``query_ids`` is the [block_q, C] id tile of the queries, ``key_ids`` the [C, block_kv]
-  id tile of the keys, ``key_start`` the index of the tile's first key.
+  ``query_column(name)`` returns the [block_q, 1] ids of the tile's queries and
+  ``key_column(name)`` the [1, block_kv] ids of its keys, for a column of
+  :attr:`MaskSpec.columns`; ``key_start`` is the index of the tile's first key.
   """
   allowed = None
 
   def conj(a, b):
     return b if a is None else jnp.logical_and(a, b)
 
-  def q_col(name):
-    c = spec.column(name)
-    return query_ids[:, c:c + 1]  # [block_q, 1]
-
-  def k_col(name):
-    c = spec.column(name)
-    return key_ids[c:c + 1, :]  # [1, block_kv]
-
+  q_col, k_col = query_column, key_column
   shape = (block_q, block_kv)
   if spec.causal:
     allowed = conj(allowed, jnp.broadcast_to(k_col("position"), shape)

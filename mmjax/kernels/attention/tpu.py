@@ -70,6 +70,22 @@ def _live(cfg: _Config, q_ranges_ref, k_ranges_ref, b, i, j, num_q_tiles, num_k_
   return True if live is None else live
 
 
+def _tile_allowed(cfg: _Config, q_ids_ref, k_ids_ref, key_start, block_q, block_kv):
+  """Bool[block_q, block_kv] mask of one tile, from the [block_q, C] and [C, block_kv]
+  id tiles in VMEM."""
+  spec = cfg.spec
+
+  def query_column(name):
+    c = spec.column(name)
+    return q_ids_ref[:, c:c + 1]
+
+  def key_column(name):
+    c = spec.column(name)
+    return k_ids_ref[c:c + 1, :]
+
+  return masking.tile_allowed(spec, query_column, key_column, key_start, block_q, block_kv)
+
+
 def _when(condition):
   """pl.when that also accepts a static True."""
   if condition is True:
@@ -102,9 +118,7 @@ def _forward_kernel(q_ranges_ref, k_ranges_ref, q_ref, k_ref, v_ref, *refs, cfg:
     logits = logits * cfg.scale
     allowed = None
     if q_ids_ref is not None or cfg.spec.key_length is not None:
-      allowed = masking.tile_allowed(
-          cfg.spec, None if q_ids_ref is None else q_ids_ref[...],
-          None if k_ids_ref is None else k_ids_ref[...], j * block_kv, block_q, block_kv)
+      allowed = _tile_allowed(cfg, q_ids_ref, k_ids_ref, j * block_kv, block_q, block_kv)
     if allowed is not None:
       logits = jnp.where(allowed, logits, -jnp.inf)
     m_prev = m_scratch[...]
@@ -192,9 +206,7 @@ def _probabilities(cfg, q, k, lse, q_ids_ref, k_ids_ref, key_start, block_q, blo
   logits = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
   probs = jnp.exp(logits - lse)
   if q_ids_ref is not None or cfg.spec.key_length is not None:
-    allowed = masking.tile_allowed(
-        cfg.spec, None if q_ids_ref is None else q_ids_ref[...],
-        None if k_ids_ref is None else k_ids_ref[...], key_start, block_q, block_kv)
+    allowed = _tile_allowed(cfg, q_ids_ref, k_ids_ref, key_start, block_q, block_kv)
     probs = jnp.where(allowed, probs, 0.0)
   return probs
 
