@@ -1,0 +1,157 @@
+"""One record -> one fixed-shape example, and the policy for records that cannot be one.
+
+An example of bucket (N = max_images, T = text_length, S = image_size):
+
+  images       uint8   [N, S, S, 3]  resized to S x S; NOT normalised: the model does it,
+                                     because CLIP and SigLIP encoders use different
+                                     mean/std. Empty slots are zeros.
+  image_mask   bool    [N]           which image slots hold an image
+  input_ids    int32   [T]           BOS, text ids, EOS (if the text was not truncated), pad
+  image_index  int32   [T]           cumsum(input_ids == image_id): 0 = no image yet, i = the
+                                     i-th image (1-based) is the last one before the token
+  targets      int32   [T]           input_ids shifted left by one; the last one is pad
+  loss_mask    float32 [T]           1 where the target is a text token; 0 where it is pad
+                                     or `<image>` (an image is not predicted)
+
+Bad data (reasons below) is either skipped and counted (`bad_data="skip"`: the example
+becomes a marker `{"bad_record": reason, "record_id": id}` that the pipeline drops,
+counts and logs) or raised as `BadRecordError` naming the record (`bad_data="raise"`).
+Text longer than T is not bad when it can be cut at a chunk boundary (before an `<image>`
+or after an `<|endofchunk|>`), keeping at least one text token; the images after the
+cut are dropped with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image
+
+from mmjax.data.tokenizer import Tokenizer
+
+BAD_DATA_POLICIES = ("skip", "raise")
+BAD_REASONS = (
+    "corrupt_image",         # the bytes are not an image PIL can decode
+    "too_many_images",       # more images than the bucket's N
+    "empty_text",            # no text token besides <image> / <|endofchunk|>
+    "text_too_long",         # longer than T with no chunk boundary to cut at
+    "image_token_mismatch",  # number of <image> tokens != number of images
+)
+
+
+class BadRecordError(ValueError):
+  """A record that cannot become an example, with the record's id and the reason."""
+
+  def __init__(self, record_id: str, reason: str, detail: str):
+    super().__init__(f"record {record_id!r}: {reason}: {detail}")
+    self.record_id, self.reason = record_id, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+  """The fixed shapes of a batch: a train step compiles once per bucket."""
+  max_images: int = 1   # N: image slots per example
+  text_length: int = 64  # T: tokens per example
+  image_size: int = 64  # S: images are resized to S x S (the model's resolution)
+
+  def __post_init__(self):
+    if self.max_images < 1 or self.text_length < 2 or self.image_size < 1:
+      raise ValueError(f"bucket {self}; expected max_images >= 1, text_length >= 2, image_size >= 1")
+
+
+def _as_str(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def decode_image(data: bytes, image_size: int | None) -> np.ndarray:
+  """Encoded bytes -> uint8 [S, S, 3] (bilinear resize when the size differs; None keeps it)."""
+  with Image.open(io.BytesIO(data)) as image:
+    image = image.convert("RGB")
+    if image_size is not None and image.size != (image_size, image_size):
+      image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+class ExampleBuilder:
+  """Callable record -> example (or bad-record marker); picklable for grain workers."""
+
+  def __init__(self, tokenizer: Tokenizer, bucket: Bucket, bad_data: str = "skip",
+               truncate_images: bool = False, with_record_ids: bool = False):
+    if bad_data not in BAD_DATA_POLICIES:
+      raise ValueError(f"bad_data={bad_data!r}; expected one of {BAD_DATA_POLICIES}")
+    self.tokenizer, self.bucket, self.bad_data = tokenizer, bucket, bad_data
+    self.truncate_images, self.with_record_ids = truncate_images, with_record_ids
+
+  def __call__(self, record: dict) -> dict:
+    record_id = _as_str(record.get("id", "?"))
+    try:
+      example = self._build(record, record_id)
+    except BadRecordError as e:
+      if self.bad_data == "raise":
+        raise
+      return {"bad_record": e.reason, "record_id": record_id}
+    if self.with_record_ids:
+      example["record_id"] = record_id
+    return example
+
+  def _build(self, record: dict, record_id: str) -> dict:
+    tok, bucket = self.tokenizer, self.bucket
+    n_max, t_max = bucket.max_images, bucket.text_length
+    text = _as_str(record["text"])
+    images = list(record.get("images", []))
+    text_ids = tok.encode(text)
+    specials = (tok.image_id, tok.end_of_chunk_id)
+    if not any(i not in specials for i in text_ids):
+      raise BadRecordError(record_id, "empty_text", f"text {text[:80]!r} has no words")
+    n_tokens = sum(i == tok.image_id for i in text_ids)
+    if n_tokens != len(images):
+      raise BadRecordError(record_id, "image_token_mismatch",
+                           f"text has {n_tokens} <image> tokens but the record has {len(images)} images")
+    if len(images) > n_max and not self.truncate_images:
+      raise BadRecordError(record_id, "too_many_images",
+                           f"{len(images)} images; the bucket holds {n_max}")
+    ids = [tok.bos_id] + text_ids + [tok.eos_id]
+    if len(ids) > t_max or len(images) > n_max:
+      ids = self._cut_at_chunk_boundary(ids, record_id, len(images) > n_max)
+    n_images = sum(i == tok.image_id for i in ids)
+
+    pixels = np.zeros((n_max, bucket.image_size, bucket.image_size, 3), np.uint8)
+    for k, data in enumerate(images[:n_images]):
+      try:
+        pixels[k] = decode_image(bytes(data), bucket.image_size)
+      except Exception as e:  # PIL raises many types for bad bytes  # pylint: disable=broad-except
+        raise BadRecordError(record_id, "corrupt_image", f"image {k} cannot be decoded ({e})") from e
+    input_ids = np.full((t_max,), tok.pad_id, np.int32)
+    input_ids[:len(ids)] = ids
+    targets = np.full((t_max,), tok.pad_id, np.int32)
+    targets[:len(ids) - 1] = ids[1:]
+    loss_mask = ((targets != tok.pad_id) & (targets != tok.image_id)).astype(np.float32)
+    return {
+        "images": pixels,
+        "image_mask": np.arange(n_max) < n_images,
+        "input_ids": input_ids,
+        "image_index": np.cumsum(input_ids == tok.image_id, dtype=np.int32),
+        "targets": targets,
+        "loss_mask": loss_mask,
+    }
+
+  def _cut_at_chunk_boundary(self, ids: list[int], record_id: str, too_many_images: bool) -> list[int]:
+    """The longest prefix ending at a chunk boundary that fits T and N and has text."""
+    tok, n_max, t_max = self.tokenizer, self.bucket.max_images, self.bucket.text_length
+    specials = (tok.bos_id, tok.image_id, tok.end_of_chunk_id)
+    best, images_so_far, has_text = None, 0, False
+    for c in range(1, min(len(ids), t_max + 1)):
+      # A cut at c keeps ids[:c]: before an <image>, or right after an <|endofchunk|>.
+      at_boundary = ids[c] == tok.image_id or ids[c - 1] == tok.end_of_chunk_id
+      has_text = has_text or ids[c - 1] not in specials
+      images_so_far += ids[c - 1] == tok.image_id
+      if at_boundary and has_text and images_so_far <= n_max:
+        best = c
+    if best is None:
+      reason = "too_many_images" if too_many_images and len(ids) <= t_max else "text_too_long"
+      raise BadRecordError(record_id, reason, f"{len(ids)} tokens and "
+                           f"{sum(i == tok.image_id for i in ids)} images do not fit T={t_max}, "
+                           f"N={n_max}, and no chunk boundary leaves a part that fits")
+    return ids[:best]
