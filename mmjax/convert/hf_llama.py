@@ -1,0 +1,210 @@
+"""HF ``LlamaForCausalLM`` state_dicts and ``.safetensors`` files -> ``Decoder`` params.
+
+Key layout (``transformers`` LLaMA; torch ``nn.Linear`` weights are [out, in]):
+
+  model.embed_tokens.weight                      [V, D]        -> embed/embedding
+  model.layers.{i}.input_layernorm.weight        [D]           -> layers_{i}/attn_norm/scale
+  model.layers.{i}.self_attn.q_proj.weight       [H*K, D]      -> layers_{i}/attn/query/kernel [D, H, K]
+  model.layers.{i}.self_attn.k_proj.weight       [G*K, D]      -> layers_{i}/attn/key/kernel   [D, G, K]
+  model.layers.{i}.self_attn.v_proj.weight       [G*K, D]      -> layers_{i}/attn/value/kernel [D, G, K]
+  model.layers.{i}.self_attn.o_proj.weight       [D, H*K]      -> layers_{i}/attn/out/kernel   [H, K, D]
+  model.layers.{i}.post_attention_layernorm.weight [D]         -> layers_{i}/mlp_norm/scale
+  model.layers.{i}.mlp.{gate,up}_proj.weight     [F, D]        -> layers_{i}/mlp/{gate,up}_proj/kernel [D, F]
+  model.layers.{i}.mlp.down_proj.weight          [D, F]        -> layers_{i}/mlp/down_proj/kernel [F, D]
+  model.norm.weight                              [D]           -> norm/scale
+  lm_head.weight                                 [V, D]        -> lm_head/kernel [D, V] (untied only)
+
+HF's rotary embedding pairs dimension i with i + K/2 (half-split), as ``mmjax.layers.rope``
+does, so q/k need no permutation. With tied embeddings a ``lm_head.weight`` key (torch's
+``state_dict()`` lists the shared tensor under both names) is accepted if it equals the
+embedding table. ``prefix`` selects the LM inside a larger state_dict (e.g.
+``"lang_encoder."`` in an OpenFlamingo checkpoint).
+
+Dimension letters: V vocabulary, D width, H heads, G key/value heads, K head dim,
+F SwiGLU width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from mmjax.models.decoder import DecoderConfig
+
+# Buffers some transformers versions save, which carry no learned weight.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+  """A torch tensor (any dtype) or array-like -> float32 numpy array."""
+  if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+    value = value.detach().cpu()
+    if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
+      value = value.float()
+    value = value.numpy()
+  return np.asarray(value, dtype=np.float32)
+
+
+class StateDictReader:
+  """Reads keys of a state_dict, collecting missing and mis-shaped ones for one error."""
+
+  def __init__(self, sd: Mapping[str, Any], what: str):
+    self.sd = sd
+    self.what = what
+    self.used: set[str] = set()
+    self.missing: list[str] = []
+    self.misshaped: list[str] = []
+
+  def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    if key not in self.sd:
+      self.missing.append(key)
+      return None
+    self.used.add(key)
+    got = tuple(self.sd[key].shape)
+    if got != tuple(shape):
+      self.misshaped.append(f"{key}: shape {got}, expected {tuple(shape)}")
+      return None
+    return to_numpy(self.sd[key])
+
+  def linear(self, key: str, out_features: int, in_features: int) -> np.ndarray | None:
+    """torch Linear weight [out, in] -> kernel [in, out]."""
+    w = self.get(key, (out_features, in_features))
+    return None if w is None else np.ascontiguousarray(w.T)
+
+  def raise_if_errors(self, unexpected: Iterable[str] = ()) -> None:
+    unexpected = sorted(unexpected)
+    if not (self.missing or self.misshaped or unexpected):
+      return
+    lines = [f"cannot convert {self.what}:"]
+    if self.missing:
+      lines.append(f"  missing keys ({len(self.missing)}): " + ", ".join(self.missing))
+    if unexpected:
+      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+    if self.misshaped:
+      lines.append(f"  mis-shaped keys ({len(self.misshaped)}): " + "; ".join(self.misshaped))
+    raise ValueError("\n".join(lines))
+
+
+def _reshape(x: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+  return None if x is None else x.reshape(shape)
+
+
+def llama_layer_from_state_dict(r: StateDictReader, prefix: str, config: DecoderConfig) -> dict:
+  """One ``LlamaDecoderLayer`` (keys ``{prefix}self_attn.q_proj.weight`` ...) -> DecoderLayer params."""
+  c = config
+  d, h, g, k, f = c.width, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
+  a = prefix + "self_attn."
+  m = prefix + "mlp."
+  return {
+      "attn_norm": {"scale": r.get(prefix + "input_layernorm.weight", (d,))},
+      "attn": {
+          "query": {"kernel": _reshape(r.linear(a + "q_proj.weight", h * k, d), (d, h, k))},
+          "key": {"kernel": _reshape(r.linear(a + "k_proj.weight", g * k, d), (d, g, k))},
+          "value": {"kernel": _reshape(r.linear(a + "v_proj.weight", g * k, d), (d, g, k))},
+          "out": {"kernel": _reshape(r.linear(a + "o_proj.weight", d, h * k), (h, k, d))},
+      },
+      "mlp_norm": {"scale": r.get(prefix + "post_attention_layernorm.weight", (d,))},
+      "mlp": {
+          "gate_proj": {"kernel": r.linear(m + "gate_proj.weight", f, d)},
+          "up_proj": {"kernel": r.linear(m + "up_proj.weight", f, d)},
+          "down_proj": {"kernel": r.linear(m + "down_proj.weight", d, f)},
+      },
+  }
+
+
+def llama_from_state_dict(
+    sd: Mapping[str, Any],
+    config: DecoderConfig,
+    *,
+    prefix: str = "",
+    layers_prefix: str = "model.layers.",
+    ignore: Callable[[str], bool] = lambda key: False,
+    used: set[str] | None = None,
+) -> dict:
+  """``LlamaForCausalLM`` state_dict -> the LM part of ``Decoder(config)`` params (plain dict).
+
+  Args:
+    sd: key -> torch tensor or numpy array.
+    config: the decoder config (``config_from_hf_llama`` builds one from an HF config).
+    prefix: prepended to every key (``"lang_encoder."`` inside OpenFlamingo).
+    layers_prefix: where the decoder layers live under ``prefix``.
+    ignore: keys under ``prefix`` another converter owns (e.g. OpenFlamingo's gated
+      cross-attention layers, which sit among the LM's keys); neither read nor unexpected.
+    used: if given, receives every key consumed.
+
+  Returns:
+    The tree of ``nn.unbox(Decoder(config).init(...)['params'])`` without the ``xattn_{i}``
+    entries (those come from the cross-attention converter).
+
+  Raises:
+    ValueError listing every missing, unexpected and mis-shaped key.
+  """
+  c = config
+  r = StateDictReader(sd, f"a LLaMA decoder (width={c.width}, depth={c.depth}) from the keys"
+                          f" under {prefix!r}")
+  params: dict[str, Any] = {
+      "embed": {"embedding": r.get(prefix + "model.embed_tokens.weight", (c.vocab_size, c.width))}}
+  for i in range(c.depth):
+    params[f"layers_{i}"] = llama_layer_from_state_dict(r, f"{prefix}{layers_prefix}{i}.", c)
+  params["norm"] = {"scale": r.get(prefix + "model.norm.weight", (c.width,))}
+  head_key = prefix + "lm_head.weight"
+  if c.tie_embeddings:
+    if head_key in sd:
+      r.used.add(head_key)
+      head = to_numpy(sd[head_key])
+      emb = params["embed"]["embedding"]
+      if emb is not None and (head.shape != emb.shape or not np.array_equal(head, emb)):
+        r.misshaped.append(
+            f"{head_key}: differs from the embedding table, but the config ties them"
+            " (tie_embeddings=True); expected no lm_head or the same tensor")
+  else:
+    params["lm_head"] = {"kernel": r.linear(head_key, c.vocab_size, c.width)}
+  unexpected = {k for k in sd if k.startswith(prefix) and k not in r.used
+                and not k.endswith(_IGNORED_SUFFIXES) and not ignore(k)}
+  r.raise_if_errors(unexpected)
+  if used is not None:
+    used.update(r.used)
+  return params
+
+
+def config_from_hf_llama(hf_config: Mapping[str, Any] | Any, **overrides) -> DecoderConfig:
+  """A ``DecoderConfig`` from an HF ``LlamaConfig`` (object or ``config.json`` dict)."""
+  cfg = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+  rope = cfg.get("rope_parameters") or {}
+  scaling = cfg.get("rope_scaling")
+  rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", "default"))
+  if rope_type not in ("default", None) or (scaling and scaling.get("rope_type", "default") != "default"):
+    raise ValueError(f"rope_type={rope_type!r} (rope_scaling={scaling}) is not supported;"
+                     " expected the default RoPE")
+  for flag in ("attention_bias", "mlp_bias"):
+    if cfg.get(flag):
+      raise ValueError(f"{flag}=True is not supported by the LLaMA-style decoder; expected False")
+  if cfg.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act={cfg['hidden_act']!r}; expected 'silu' (SwiGLU)")
+  heads = cfg["num_attention_heads"]
+  fields = dict(
+      vocab_size=cfg["vocab_size"],
+      width=cfg["hidden_size"],
+      depth=cfg["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=cfg.get("num_key_value_heads") or heads,
+      head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+      mlp_dim=cfg["intermediate_size"],
+      rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+      norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+      max_length=int(cfg.get("max_position_embeddings", 2048)),
+  )
+  return dataclasses.replace(DecoderConfig(**fields), **overrides)
+
+
+def load_llama(paths, config: DecoderConfig, *, prefix: str = "") -> dict:
+  """Decoder params from ``LlamaForCausalLM`` ``.safetensors`` file(s) or their directory."""
+  from mmjax.convert.hf_vision import read_safetensors  # pylint: disable=g-import-not-at-top
+  sd = read_safetensors(paths, lambda key: key.startswith(prefix))
+  if not sd:
+    raise ValueError(f"no tensor of {paths!r} has a key starting with {prefix!r}")
+  return llama_from_state_dict(sd, config, prefix=prefix)
