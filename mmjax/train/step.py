@@ -106,7 +106,7 @@ def make_train_step(*, apply_fn: ApplyFn, tx: optax.GradientTransformation, mask
     loss = total / denom
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, mask)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     # optax mixes Python floats with int32 counts (Adam's bias correction): allow that here
     # even when the caller runs under strict dtype promotion.
     with jax.numpy_dtype_promotion("standard"):

@@ -5,17 +5,14 @@ Used by the resume and preemption tests; prints `SUMMARY start_step step preempt
 
 import sys
 
-from mmjax.train import config as config_lib
 from mmjax.train import loop
 from tests.train import toy
 
 
 def main(argv):
-  _, extra = config_lib.parse_flags(argv, prog="toy_run", extra={"workdir": (None, "work dir")},
-                                    require_config=False)
-  overrides = [a for a in argv if a.startswith("--config.")]
-  config = toy.config(*overrides)
-  summary = loop.train(config, extra["workdir"], toy.task(config))
+  workdir = [a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")][0]
+  config = toy.config(*[a for a in argv if a.startswith("--config.")])
+  summary = loop.train(config, workdir, toy.task(config))
   print("SUMMARY", summary["start_step"], summary["step"], summary["preempted"], flush=True)
   return 0
 
