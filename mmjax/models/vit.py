@@ -33,7 +33,7 @@ from mmjax.layers.embed import PatchEmbed
 from mmjax.layers.linear import dense
 from mmjax.layers.mlp import ACTIVATIONS, Mlp
 from mmjax.layers.norms import LayerNorm
-from mmjax.layers.posemb import resize_grid_posemb, sincos_2d
+from mmjax.layers.posemb import sincos_2d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +172,48 @@ def _check_images(images: jax.Array, config: ViTConfig) -> None:
     raise ValueError(f"image size {h}x{w} is smaller than the patch size {config.patch_size}")
 
 
+# ------------------------------------------------------------------------------ posembs
+
+def _torch_bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+  """[n_out, n_in] weights of torch's F.interpolate(mode='bicubic', align_corners=False) on one axis.
+
+  torch (hence HF CLIP/SigLIP ``interpolate_pos_encoding``, open_clip and timm) uses the
+  cubic convolution with a = -0.75, samples at (i + 0.5) * n_in / n_out - 0.5 and clamps
+  taps at the border, without antialiasing; jax.image.resize (a = -0.5, antialiased when
+  shrinking) gives other numbers, so checkpoints trained in torch are resized this way.
+  """
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  m = np.zeros((n_out, n_in), np.float64)
+  for i in range(n_out):
+    src = (i + 0.5) * n_in / n_out - 0.5
+    x0 = int(np.floor(src))
+    t = src - x0
+    for tap, w in zip(range(x0 - 1, x0 + 3), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+      m[i, min(max(tap, 0), n_in - 1)] += w
+  return m
+
+
+def resize_posemb(posemb: jax.Array, new_grid: tuple[int, int]) -> jax.Array:
+  """Learned embeddings [h * w, D] of a square grid resized to new_grid, as torch's bicubic does.
+
+  Returns [new_h * new_w, D], row-major; the embeddings themselves when the grid is unchanged.
+  """
+  n, d = posemb.shape
+  side = int(round(n**0.5))
+  if side * side != n:
+    raise ValueError(f"posemb has {n} positions, expected a square grid")
+  if (side, side) == tuple(new_grid):
+    return posemb
+  rows = jnp.asarray(_torch_bicubic_matrix(side, new_grid[0]), jnp.float32)
+  cols = jnp.asarray(_torch_bicubic_matrix(side, new_grid[1]), jnp.float32)
+  grid = posemb.astype(jnp.float32).reshape(side, side, d)
+  out = jnp.einsum("Yh,hwD,Xw->YXD", rows, grid, cols, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(new_grid[0] * new_grid[1], d).astype(posemb.dtype)
+
+
 # ------------------------------------------------------------------------------ modules
 
 class EncoderBlock(nn.Module):
@@ -224,7 +266,7 @@ class VisionTransformer(nn.Module):
   ``config.post_norm``); every block and the pooling head are still built (and their
   parameters created), and jit drops the computation the output does not need.
   Images at another resolution than ``config.image_size`` get learned position embeddings
-  resized bicubically (``resize_grid_posemb``).
+  resized bicubically as torch does (``resize_posemb``; HF's ``interpolate_pos_encoding``).
   """
 
   config: ViTConfig
@@ -257,7 +299,7 @@ class VisionTransformer(nn.Module):
     pos = self.pos_embedding
     cls_pos = pos[0] if cfg.class_token else None
     patch_pos = pos[1:] if cfg.class_token else pos
-    return cls_pos, resize_grid_posemb(patch_pos, (grid_h, grid_w))
+    return cls_pos, resize_posemb(patch_pos, (grid_h, grid_w))
 
   def embed(self, images: jax.Array) -> jax.Array:
     """Float[B, P(+1), D]: patch embeddings (+ CLS) + position embeddings, pre-normed."""

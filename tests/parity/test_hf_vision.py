@@ -228,3 +228,21 @@ def test_preset_parameter_count_equals_the_hf_model_on_the_meta_device(preset, h
   assert vit.count_params(preset) == sum(p.numel() for p in reference.parameters())
   to_config = hf_vision.config_from_hf_clip if preset.class_token else hf_vision.config_from_hf_siglip
   assert to_config(hf_config.to_dict()) == preset
+
+
+@pytest.mark.parametrize("family,height,width", [("clip", 24, 20), ("siglip", 12, 12), ("siglip", 26, 30)])
+def test_other_resolutions_match_hf_interpolate_pos_encoding(clip, siglip, family, height, width):
+  model, hf_config, path = clip if family == "clip" else siglip
+  if family == "clip":
+    config = hf_vision.config_from_hf_clip(hf_config)
+    params = hf_vision.load_clip_vision(path, config)
+  else:
+    config = hf_vision.config_from_hf_siglip(hf_config)
+    params = hf_vision.load_siglip_vision(path, config)
+  images = np.random.default_rng(2).normal(size=(2, height, width, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = to_numpy(model(torch.from_numpy(images.transpose(0, 3, 1, 2)), interpolate_pos_encoding=True))
+  ours = _ours(config, params, images)
+  last = ours["hidden_states"][-1] if family == "clip" else ours["tokens"]
+  assert _maxdiff(last, ref["last_hidden_state"]) <= TOL
+  assert _maxdiff(ours["pooled"], ref["pooler_output"]) <= TOL
