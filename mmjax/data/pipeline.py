@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Mapping
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -196,6 +197,10 @@ def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size:
                              with_record_ids)
   ds = examples.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
   if num_workers > 0:
+    # grain's worker processes read absl flags; a program that is not an absl app (pytest,
+    # a notebook, `mmjax`) has not parsed them, so they keep their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   ds = _DropBadRecords(ds).batch(batch_size, drop_remainder=True)
   return Pipeline(ds, bucket, batch_size)
