@@ -120,7 +120,7 @@ def llama_from_state_dict(
     config: DecoderConfig,
     *,
     prefix: str = "",
-    layers_prefix: str = "model.layers.",
+    layer_template: str = "model.layers.{i}.",
     ignore: Callable[[str], bool] = lambda key: False,
     used: set[str] | None = None,
 ) -> dict:
@@ -130,7 +130,7 @@ def llama_from_state_dict(
     sd: key -> torch tensor or numpy array.
     config: the decoder config (``config_from_hf_llama`` builds one from an HF config).
     prefix: prepended to every key (``"lang_encoder."`` inside OpenFlamingo).
-    layers_prefix: where the decoder layers live under ``prefix``.
+    layer_template: where decoder layer i lives under ``prefix``.
     ignore: keys under ``prefix`` another converter owns (e.g. OpenFlamingo's gated
       cross-attention layers, which sit among the LM's keys); neither read nor unexpected.
     used: if given, receives every key consumed.
@@ -148,7 +148,7 @@ def llama_from_state_dict(
   params: dict[str, Any] = {
       "embed": {"embedding": r.get(prefix + "model.embed_tokens.weight", (c.vocab_size, c.width))}}
   for i in range(c.depth):
-    params[f"layers_{i}"] = llama_layer_from_state_dict(r, f"{prefix}{layers_prefix}{i}.", c)
+    params[f"layers_{i}"] = llama_layer_from_state_dict(r, prefix + layer_template.format(i=i), c)
   params["norm"] = {"scale": r.get(prefix + "model.norm.weight", (c.width,))}
   head_key = prefix + "lm_head.weight"
   if c.tie_embeddings:

@@ -42,7 +42,9 @@ def test_decoder_logits_equal_hf_llama_after_importing_its_safetensors(tie, tmp_
     want = model(torch.from_numpy(ids).long()).logits.numpy()
   got, _ = Decoder(config).apply({"params": params}, jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
-  assert float(np.max(np.abs(np.asarray(got) - want))) <= 1e-4
+  diff = float(np.max(np.abs(np.asarray(got) - want)))
+  print(f"max |logits - hf| = {diff:.2e}")
+  assert diff <= 1e-4
 
 
 def test_missing_unexpected_and_misshaped_keys_are_all_listed_in_one_error():

@@ -1,0 +1,121 @@
+"""A whole OpenFlamingo ``Flamingo`` state_dict -> ``Flamingo`` params.
+
+The state_dict of ``open_flamingo.src.flamingo.Flamingo`` over a LLaMA-architecture HF LM
+holds (torch layouts; see each converter's docstring):
+
+- ``vision_encoder.*``: the vision tower (``Flamingo.vision_encoder = vision_encoder.visual``).
+  Read by ``mmjax.convert.hf_vision.clip_vision_from_state_dict`` under that prefix, so the
+  visual module's keys must follow HF ``CLIPVisionModel`` (OpenFlamingo releases use
+  open_clip's OpenAI ViT-L/14, whose weights are the same as HF's
+  ``openai/clip-vit-large-patch14``: pass that model's state_dict as ``vision_state_dict``).
+- ``perceiver.*`` and ``lang_encoder.gated_cross_attn_layers.{i}.*``: the bridge, read by
+  ``mmjax.convert.open_flamingo``.
+- ``lang_encoder.*``: the LM. After ``FlamingoLMMixin.init_flamingo`` each decoder layer is
+  wrapped in a ``FlamingoLayer``, so layer i's weights appear as
+  ``lang_encoder.model.layers.{i}.decoder_layer.*`` and again, the same tensors, as
+  ``lang_encoder.old_decoder_blocks.{i}.*``; the cross-attention blocks appear again as
+  ``lang_encoder.model.layers.{i}.gated_cross_attn_layer.*``. Either spelling is read (plain
+  ``lang_encoder.model.layers.{i}.*`` too, for an LM state_dict saved before wrapping); the
+  aliases count as consumed.
+
+Released OpenFlamingo ``checkpoint.pt`` files hold only the trained parts; give the frozen
+towers' state_dicts separately (``vision_state_dict``: an HF CLIP vision state_dict, keys as
+``hf_vision`` accepts with no prefix; ``lm_state_dict``: an HF ``LlamaForCausalLM``
+state_dict) and they are read from there instead (keys of those parts in ``sd`` are then
+ignored).
+
+Missing, unexpected or mis-shaped keys raise one ``ValueError`` per part, listing them all;
+keys under none of the known prefixes are unexpected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from mmjax.convert import hf_llama, hf_vision
+from mmjax.convert import open_flamingo as of_convert
+from mmjax.models.decoder import xattn_config, xattn_layer_indices
+from mmjax.models.flamingo import FlamingoConfig
+
+VISION_PREFIX = "vision_encoder."
+LM_PREFIX = "lang_encoder."
+
+_WRAPPED_LAYER = re.compile(r"^(?P<pre>.*?)model\.layers\.(?P<i>\d+)\.decoder_layer\.(?P<rest>.*)$")
+_OLD_BLOCK = re.compile(r"^(?P<pre>.*?)old_decoder_blocks\.(?P<i>\d+)\.(?P<rest>.*)$")
+
+
+def _unwrap_lm_keys(sd: Mapping[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
+  """LM keys under ``prefix`` with FlamingoLayer wrapping undone: (state_dict, aliases).
+
+  ``aliases`` maps each canonical key (``{prefix}model.layers.{i}.X``) to the original keys
+  it stands for, so that consumed canonical keys mark all their spellings used.
+  """
+  out: dict[str, Any] = {}
+  aliases: dict[str, list[str]] = {}
+  # Wrapped keys first, then old_decoder_blocks (the same tensors) only where missing.
+  ordered = sorted((k for k in sd if k.startswith(prefix)),
+                   key=lambda k: 1 if _OLD_BLOCK.match(k[len(prefix):]) else 0)
+  for key in ordered:
+    rest = key[len(prefix):]
+    if ".gated_cross_attn_layer." in rest or rest.startswith("gated_cross_attn_layers."):
+      continue  # the bridge converter's
+    m = _WRAPPED_LAYER.match(rest) or _OLD_BLOCK.match(rest)
+    canonical = f"{prefix}{m['pre']}model.layers.{m['i']}.{m['rest']}" if m else key
+    aliases.setdefault(canonical, []).append(key)
+    out.setdefault(canonical, sd[key])
+  return out, aliases
+
+
+def flamingo_from_state_dict(
+    sd: Mapping[str, Any],
+    config: FlamingoConfig,
+    *,
+    vision_state_dict: Mapping[str, Any] | None = None,
+    lm_state_dict: Mapping[str, Any] | None = None,
+) -> dict:
+  """OpenFlamingo state_dict (torch tensors or numpy arrays) -> ``Flamingo(config)`` params.
+
+  Returns a plain dict {"vision", "resampler", "decoder"} with the tree structure of
+  ``nn.unbox(Flamingo(config).init(...)["params"])``.
+  """
+  consumed: set[str] = set()
+
+  if vision_state_dict is None:
+    vision = hf_vision.clip_vision_from_state_dict(sd, config.vision, prefix=VISION_PREFIX)
+    consumed |= {k for k in sd if k.startswith(VISION_PREFIX)}  # it raises on any it cannot explain
+  else:
+    vision = hf_vision.clip_vision_from_state_dict(vision_state_dict, config.vision)
+    consumed |= {k for k in sd if k.startswith(VISION_PREFIX)}  # superseded, ignored
+
+  resampler = of_convert.perceiver_from_state_dict(sd, config.resampler, used=consumed)
+
+  indices = xattn_layer_indices(config.decoder)
+  xattn = {}
+  if indices:
+    xattn = of_convert.gated_xattn_layers_from_state_dict(
+        sd, xattn_config(config.decoder), layer_indices=indices,
+        decoder_layers_prefix=LM_PREFIX + "model.layers.", used=consumed)
+
+  if lm_state_dict is None:
+    lm_sd, aliases = _unwrap_lm_keys(sd, LM_PREFIX)
+    lm_prefix = LM_PREFIX
+  else:
+    lm_sd, aliases = _unwrap_lm_keys(lm_state_dict, "")
+    lm_prefix = ""
+  lm_used: set[str] = set()
+  lm = hf_llama.llama_from_state_dict(lm_sd, config.decoder, prefix=lm_prefix, used=lm_used)
+  if lm_state_dict is None:
+    for key in lm_used:
+      consumed.update(aliases.get(key, [key]))
+  else:  # superseded, ignored (the bridge's keys among them were consumed above)
+    consumed |= {k for k in sd if k.startswith(LM_PREFIX) and "gated_cross_attn_layer" not in k}
+
+  unexpected = sorted(k for k in sd if k not in consumed)
+  if unexpected:
+    raise ValueError(
+        f"cannot convert an OpenFlamingo state_dict: unexpected keys ({len(unexpected)}), not"
+        f" under {VISION_PREFIX!r}, 'perceiver.' or {LM_PREFIX!r} or not explained there: "
+        + ", ".join(unexpected))
+  return {"vision": vision, "resampler": resampler, "decoder": {**lm, **xattn}}

@@ -1,0 +1,124 @@
+"""Parity: a whole OpenFlamingo ``Flamingo`` (tiny CLIP vision tower, its PerceiverResampler,
+a tiny LlamaForCausalLM with gated cross-attention every 2nd layer) gives the logits of our
+``Flamingo`` after converting its state_dict, for an interleaved batch with two images."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mmjax.convert import flamingo as flamingo_convert
+from mmjax.convert import hf_llama, hf_vision
+from mmjax.models.flamingo import Flamingo, FlamingoConfig
+from mmjax.models.perceiver import PerceiverConfig
+from tests.parity.conftest import import_open_flamingo
+
+pytestmark = pytest.mark.parity
+
+VOCAB, MEDIA, EOC = 61, 59, 60
+
+
+class _Visual(transformers.CLIPVisionModel):
+  """open_clip's ``visual(x)`` contract: (pooled, patch tokens after ln_post, CLS dropped)."""
+
+  def forward(self, pixel_values):  # pylint: disable=arguments-differ
+    hidden = super().forward(pixel_values=pixel_values).last_hidden_state
+    hidden = self.post_layernorm(hidden)
+    return hidden[:, 0], hidden[:, 1:]
+
+
+class _VisionEncoder(torch.nn.Module):
+  def __init__(self, config):
+    super().__init__()
+    self.visual = _Visual(config)
+
+
+def _reference(only_immediate: bool = True):
+  of = import_open_flamingo()
+  torch.manual_seed(0)
+  clip_config = transformers.CLIPVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      image_size=28, patch_size=7)
+  lm_config = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+      num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+      rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
+  lm = transformers.LlamaForCausalLM(lm_config)
+  of.utils.extend_instance(lm, of.flamingo_lm.FlamingoLMMixin)
+  lm.set_decoder_layers_attr_name("model.layers")
+  model = of.flamingo.Flamingo(
+      _VisionEncoder(clip_config), lm, eoc_token_id=EOC, media_token_id=MEDIA, vis_dim=32,
+      cross_attn_every_n_layers=2)
+  with torch.no_grad():  # gates start at 0; open them so the cross-attention counts
+    for name, p in model.named_parameters():
+      if name.endswith(("attn_gate", "ff_gate")):
+        p.copy_(torch.tensor([0.5]) + 0.3 * torch.randn(1))
+  model.eval()
+  config = FlamingoConfig(
+      vision=hf_vision.config_from_hf_clip(clip_config.to_dict()),
+      resampler=PerceiverConfig(width=32, depth=6, num_heads=8, head_dim=64, num_latents=64),
+      decoder=hf_llama.config_from_hf_llama(
+          lm_config, cross_attn_every_n_layers=2, media_width=32),
+      media_token_id=MEDIA, end_of_chunk_token_id=EOC)
+  return model, config
+
+
+@pytest.fixture(scope="module")
+def reference():
+  return _reference()
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(2, 2, 28, 28, 3)).astype(np.uint8)
+  ids = rng.integers(1, 59, size=(2, 12)).astype(np.int32)
+  # Example 0: text, <image>, text, <|endofchunk|>, <image>, text.
+  ids[0, 2], ids[0, 6], ids[0, 5] = MEDIA, MEDIA, EOC
+  # Example 1 starts with its first image; the second comes late.
+  ids[1, 0], ids[1, 9], ids[1, 8] = MEDIA, MEDIA, EOC
+  return images, ids
+
+
+def _torch_logits(model, config, images, ids):
+  mean = np.asarray(config.vision.image_mean, np.float32)
+  std = np.asarray(config.vision.image_std, np.float32)
+  pixels = (images.astype(np.float32) / 255.0 - mean) / std  # [B, N, H, W, 3]
+  vision_x = torch.from_numpy(pixels.transpose(0, 1, 4, 2, 3)[:, :, None].copy())
+  with torch.no_grad():
+    return model(vision_x, torch.from_numpy(ids).long(),
+                 attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits.numpy()
+
+
+def test_flamingo_logits_equal_open_flamingo_for_an_interleaved_batch_with_two_images(reference):
+  model, config = reference
+  images, ids = _batch()
+  want = _torch_logits(model, config, images, ids)
+  params = flamingo_convert.flamingo_from_state_dict(model.state_dict(), config)
+  got = jax.jit(Flamingo(config).apply)({"params": params}, jnp.asarray(images), jnp.asarray(ids))
+  diff = float(np.max(np.abs(np.asarray(got) - want)))
+  print(f"max |logits - open_flamingo| = {diff:.2e}")
+  assert diff <= 1e-4, diff
+  # The images matter: other images change the logits after the first <image> only.
+  other = jax.jit(Flamingo(config).apply)({"params": params}, jnp.asarray(255 - images), jnp.asarray(ids))
+  changed = np.abs(np.asarray(other) - np.asarray(got)).max(axis=-1) > 1e-3
+  assert not changed[0, :2].any() and changed[0, 2:].all() and changed[1].all()
+
+
+def test_converted_tree_matches_init_and_stray_keys_are_reported(reference):
+  model, config = reference
+  images, ids = _batch()
+  sd = dict(model.state_dict())
+  params = flamingo_convert.flamingo_from_state_dict(sd, config)
+  shapes = jax.eval_shape(Flamingo(config).init, jax.random.key(0), images, ids)
+  want = jax.tree.map(lambda x: x.shape, nn.unbox(shapes)["params"])
+  assert jax.tree.map(lambda x: x.shape, params) == want
+  sd["lang_encoder.model.extra.weight"] = torch.zeros(3)
+  sd["stray.bias"] = torch.zeros(3)
+  with pytest.raises(ValueError, match="lang_encoder.model.extra.weight"):
+    flamingo_convert.flamingo_from_state_dict(sd, config)
+  del sd["lang_encoder.model.extra.weight"]
+  with pytest.raises(ValueError, match="stray.bias"):
+    flamingo_convert.flamingo_from_state_dict(sd, config)
