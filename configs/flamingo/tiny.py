@@ -19,7 +19,11 @@ resampler and the gated cross-attention.
 Any field can be overridden: `--config.optimizer.lr=1e-3 --config.train.num_steps=100`.
 """
 
+import dataclasses
+
 import ml_collections
+
+from mmjax import zoo
 
 
 def get_config(arg=None):
@@ -27,24 +31,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # The model: every field of mmjax.models.flamingo.FlamingoConfig. vocab_size,
-  # media_token_id and end_of_chunk_token_id are taken from the data's tokenizer.
-  c.model = ml_collections.ConfigDict()
-  c.model.vision = dict(
-      image_size=32, patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128, class_token=False,
-      posemb="learned", pre_norm=False, post_norm=True, activation="gelu", patch_bias=True, norm_eps=1e-5,
-      output_layer=-1, image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25), dtype="float32",
-      attention_backend=None)
-  c.model.resampler = dict(
-      width=64, depth=1, num_heads=4, head_dim=16, num_latents=8, ff_mult=2, max_num_frames=None,
-      max_num_media=None, norm_eps=1e-5, dtype="float32", attention_backend=None)
-  c.model.decoder = dict(
-      vocab_size=0, width=128, depth=2, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=256,
-      rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=True, max_length=256, cross_attn_every_n_layers=1,
-      xattn_num_heads=4, xattn_head_dim=32, xattn_ff_mult=2, only_attend_immediate_media=True, media_width=64,
-      dtype="float32", attention_backend=None)
-  c.model.media_token_id = 0
-  c.model.end_of_chunk_token_id = 0
+  # The model: every field of mmjax.models.flamingo.FlamingoConfig, from the zoo preset
+  # (vocab_size, media_token_id and end_of_chunk_token_id come from the data's tokenizer).
+  c.model = dataclasses.asdict(zoo.get("flamingo-tiny"))
 
   # Mixed precision: parameters stay float32; compute_dtype is the models' `dtype`
   # (bfloat16 on TPU/GPU); softmax and loss are float32 always.
@@ -60,6 +49,8 @@ def get_config(arg=None):
   c.data.text_length = 32
   c.data.image_size = 32
   c.data.num_workers = 0
+  # Weights of the datasets ("name:weight,..."); empty: mmjax.data.DEFAULT_MIXTURE.
+  c.data.mixture = ""
   # The ablation: replace every image by black pixels, in training and evaluation.
   c.data.blank_images = False
 
@@ -83,7 +74,8 @@ def get_config(arg=None):
   c.train.num_steps = 600
   # 'stop': a non-finite loss stops the run naming the step; 'skip': drop that update.
   c.train.nan_policy = "stop"
-  # Rematerialisation of the forward pass: 'none', 'full' or 'dots' (keep matmul outputs).
+  # Rematerialisation: 'none'; 'layers' (each decoder layer, in the model); 'full' or
+  # 'dots' (the whole forward pass, keeping nothing or only matmul outputs).
   c.train.remat = "none"
 
   c.freeze = ml_collections.ConfigDict()

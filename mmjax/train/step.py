@@ -34,6 +34,7 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "layers": None,  # done inside the model (DecoderConfig.remat); nothing to add here
 }
 
 
@@ -82,7 +83,7 @@ def make_train_step(*, apply_fn: ApplyFn, tx: optax.GradientTransformation, mask
     total, count = token_nll(logits, batch["targets"], batch["loss_mask"])
     return total, count
 
-  if remat != "none":
+  if REMAT_POLICIES[remat] is not None:
     micro_loss = jax.checkpoint(micro_loss, policy=REMAT_POLICIES[remat])
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 

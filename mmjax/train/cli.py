@@ -1,0 +1,131 @@
+"""`mmjax train | eval | generate | plot | demo`: the trainer's command-line verbs.
+
+  mmjax train --config configs/flamingo/tiny.py --workdir DIR [--config.x.y=value ...]
+  mmjax eval --workdir DIR [--num-questions N] [--few-shot K]
+  mmjax generate --workdir DIR --image a.png --prompt "<image>Question: ... Answer:"
+  mmjax plot --workdir DIR --out curves.png
+  mmjax demo --workdir work/flamingo-tiny
+
+Each returns an exit status; errors in the user's input print one line and return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "configs", "flamingo", "tiny.py")
+
+
+def _fail(prog: str, err: Exception) -> int:
+  print(f"{prog}: {err}", file=sys.stderr)
+  return 2
+
+
+def train_main(argv: list[str]) -> int:
+  from mmjax.train import config as config_lib
+  from mmjax.train import loop
+  from mmjax.train import task as task_lib
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  try:
+    config, extra = config_lib.parse_flags(argv, prog="mmjax train", extra={"workdir": (None, "work directory")},
+                                           require_config=False)
+    workdir = extra["workdir"]
+    if not workdir:
+      raise ValueError("--workdir=DIR is required")
+    if config is None:  # `mmjax train --workdir DIR` resumes with the config written there
+      config = config_lib.read_resolved(workdir)
+    task = task_lib.flamingo_task(config)
+  except ValueError as e:
+    return _fail("mmjax train", e)
+  try:
+    summary = loop.train(config, workdir, task)
+  except loop.TrainingDiverged as e:
+    print(f"mmjax train: stopped: {e}", file=sys.stderr)
+    return 1
+  what = "preempted (SIGTERM), saved" if summary["preempted"] else "done"
+  print(f"mmjax train: {what} at step {summary['step']} (started at {summary['start_step']}); "
+        f"last loss {summary['last_loss']}")
+  return 0
+
+
+def eval_main(argv: list[str]) -> int:
+  from mmjax.train import evaluate
+  p = argparse.ArgumentParser(prog="mmjax eval", description="validation loss, QA accuracy, CIDEr")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--num-questions", type=int, default=None, help="0: the whole validation split")
+  p.add_argument("--few-shot", type=int, default=None, help="in-context examples (default: the config's)")
+  p.add_argument("--no-cider", action="store_true")
+  args = p.parse_args(argv)
+  try:
+    res = evaluate.evaluate(args.workdir, num_questions=args.num_questions, few_shot_k=args.few_shot,
+                            with_cider=not args.no_cider)
+  except ValueError as e:
+    return _fail("mmjax eval", e)
+  for k, v in res.items():
+    if k != "examples":
+      print(f"{k:>14}: {v:.4f}" if isinstance(v, float) else f"{k:>14}: {v}")
+  return 0
+
+
+def generate_main(argv: list[str]) -> int:
+  import numpy as np
+  from PIL import Image
+  from mmjax.train import evaluate
+  from mmjax.train import task as task_lib
+  p = argparse.ArgumentParser(prog="mmjax generate", description="answer a prompt about images")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--image", action="append", default=[], help="an image file, one per <image> (repeatable)")
+  p.add_argument("--prompt", required=True, help='e.g. "<image>Question: how many shapes are there? Answer:"')
+  p.add_argument("--max-new-tokens", type=int, default=16)
+  args = p.parse_args(argv)
+  try:
+    n_tokens = args.prompt.count("<image>")
+    if n_tokens != len(args.image) or not args.image:
+      raise ValueError(f"the prompt has {n_tokens} <image> tokens but {len(args.image)} --image files were "
+                       "given; expected one image (at least) per <image>")
+    config, task, _, params = evaluate.load(args.workdir)
+    size = int(config.data.image_size)
+    images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC), np.uint8)
+                       for f in args.image])
+    gen = evaluate.Generator(task.apply_fn, params, task_lib.load_tokenizer(config))
+    out = gen.generate(images[None], [args.prompt], args.max_new_tokens)[0]
+  except (ValueError, OSError) as e:
+    return _fail("mmjax generate", e)
+  print(out.split("<|endofchunk|>")[0].strip())
+  return 0
+
+
+def plot_main(argv: list[str]) -> int:
+  from mmjax.train import plot
+  p = argparse.ArgumentParser(prog="mmjax plot", description="loss curves and gate values to a PNG")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", default=None, help="default: WORKDIR/curves.png")
+  args = p.parse_args(argv)
+  try:
+    out = plot.plot(args.workdir, args.out or os.path.join(args.workdir, "curves.png"))
+  except ValueError as e:
+    return _fail("mmjax plot", e)
+  print(out)
+  return 0
+
+
+def demo_main(argv: list[str]) -> int:
+  from mmjax.train import demo
+  p = argparse.ArgumentParser(prog="mmjax demo", description="build data, train flamingo/tiny, show what it learned")
+  p.add_argument("--workdir", default="work/flamingo-tiny")
+  p.add_argument("--config", default=TINY)
+  p.add_argument("--data-dir", default=None, help="default: WORKDIR/data")
+  p.add_argument("--skip-blank", action="store_true", help="do not train the blanked-images ablation")
+  p.add_argument("overrides", nargs="*", help="--config.x.y=value overrides for both runs")
+  args, unknown = p.parse_known_args(argv)
+  try:
+    return demo.run(args.workdir, config_path=args.config, data_dir=args.data_dir,
+                    overrides=[*args.overrides, *unknown], with_blank=not args.skip_blank)
+  except ValueError as e:
+    return _fail("mmjax demo", e)

@@ -1,0 +1,142 @@
+"""The real task: Flamingo from the config, on the data built by `mmjax data build`.
+
+`model_config(config, tokenizer)` turns `config.model` (every field of
+`mmjax.models.flamingo.FlamingoConfig`, as nested dicts) into the frozen dataclass, taking
+the vocabulary size and the `<image>` / `<|endofchunk|>` ids from the tokenizer and the
+compute dtype from `config.mixed_precision`. `flamingo_task(config)` gives the loop its
+`Task`: init/apply of the model, parameter labels, train and validation pipelines and the
+analytic FLOP count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmjax import data as data_lib
+from mmjax.models import flamingo
+from mmjax.models.decoder import DecoderConfig
+from mmjax.models.perceiver import PerceiverConfig
+from mmjax.models.vit import ViTConfig
+from mmjax.train import flops as flops_lib
+from mmjax.train import loop
+
+
+def preset_dict(name: str) -> dict:
+  """A zoo preset as nested plain dicts, for `config.model` (every field overridable)."""
+  from mmjax import zoo
+  return dataclasses.asdict(zoo.get(name))
+
+
+def _replace(cls, values: ml_collections.ConfigDict | dict, where: str, **forced):
+  values = dict(values)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"config.model.{where} has fields {unknown} that {cls.__name__} does not; expected {sorted(known)}")
+  values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}
+  values.update(forced)
+  return cls(**values)
+
+
+def data_dir(config: ml_collections.ConfigDict) -> str:
+  return os.path.abspath(os.path.expanduser(str(config.data.dir) or data_lib.default_data_dir()))
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> data_lib.Tokenizer:
+  d = data_dir(config)
+  try:
+    return data_lib.load_tokenizer(d)
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(f"no dataset in {d!r} ({e}); build it with `mmjax data build --data-dir {d}`") from None
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer) -> flamingo.FlamingoConfig:
+  m = config.model
+  dtype = str(config.mixed_precision.compute_dtype)
+  remat_layers = str(config.train.remat) == "layers"
+  return flamingo.FlamingoConfig(
+      vision=_replace(ViTConfig, m.vision, "vision", dtype=dtype),
+      resampler=_replace(PerceiverConfig, m.resampler, "resampler", dtype=dtype),
+      decoder=_replace(DecoderConfig, m.decoder, "decoder", dtype=dtype, vocab_size=tokenizer.vocab_size,
+                       remat=remat_layers or bool(m.decoder.get("remat", False))),
+      media_token_id=tokenizer.image_id, end_of_chunk_token_id=tokenizer.end_of_chunk_id)
+
+
+def bucket(config: ml_collections.ConfigDict) -> data_lib.Bucket:
+  return data_lib.Bucket(max_images=int(config.data.num_images), text_length=int(config.data.text_length),
+                         image_size=int(config.data.image_size))
+
+
+def parse_mixture(spec: str) -> dict[str, float] | str | None:
+  """"interleaved:1,qa:1" -> {"interleaved": 1.0, "qa": 1.0}; "" -> the default; "sqrt" as is."""
+  spec = spec.strip()
+  if not spec:
+    return None
+  if spec == "sqrt":
+    return spec
+  out = {}
+  for part in spec.split(","):
+    if ":" not in part:
+      raise ValueError(f"data.mixture part {part!r} must look like 'name:weight'")
+    name, w = part.split(":", 1)
+    out[name.strip()] = float(w)
+  return out
+
+
+class Model:
+  """Flamingo with unboxed float32 parameters: init(key) -> params, apply(params, batch) -> logits."""
+
+  def __init__(self, cfg: flamingo.FlamingoConfig, example: dict):
+    self.config = cfg
+    self.module = flamingo.Flamingo(cfg)
+    self._example = example
+
+  def init(self, key):
+    ex = self._example
+    variables = self.module.init(key, jnp.asarray(ex["images"]), jnp.asarray(ex["input_ids"]),
+                                 jnp.asarray(ex["image_index"]), jnp.asarray(ex["image_mask"]))
+    return flax.core.meta.unbox(variables["params"])
+
+  def apply(self, params, batch, rng=None):
+    del rng  # no dropout in these models
+    return self.module.apply({"params": params}, batch["images"], batch["input_ids"], batch["image_index"],
+                             batch["image_mask"])
+
+
+def example_batch(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer, batch_size: int = 1) -> dict:
+  """A valid all-padding batch of the config's bucket (for init and shapes)."""
+  b = bucket(config)
+  ids = np.full((batch_size, b.text_length), tokenizer.pad_id, np.int32)
+  ids[:, 0] = tokenizer.image_id
+  return {"images": np.zeros((batch_size, b.max_images, b.image_size, b.image_size, 3), np.uint8),
+          "image_mask": np.arange(b.max_images)[None, :].repeat(batch_size, 0) < 1,
+          "input_ids": ids, "image_index": np.ones_like(ids), "targets": ids.copy(),
+          "loss_mask": np.zeros(ids.shape, np.float32)}
+
+
+def flamingo_task(config: ml_collections.ConfigDict) -> loop.Task:
+  tokenizer = load_tokenizer(config)
+  cfg = model_config(config, tokenizer)
+  model = Model(cfg, example_batch(config, tokenizer))
+  d, bk, bsz = data_dir(config), bucket(config), int(config.data.batch_size)
+  mixture = parse_mixture(str(config.data.mixture))
+
+  def train_data():
+    return data_lib.make_pipeline(d, "train", batch_size=bsz, bucket=bk, seed=int(config.seed), mixture=mixture,
+                                  num_workers=int(config.data.num_workers), tokenizer=tokenizer)
+
+  def val_data():
+    return data_lib.make_pipeline(d, "validation", batch_size=bsz, bucket=bk, seed=0, mixture=mixture,
+                                  num_epochs=1, shuffle=False, tokenizer=tokenizer)
+
+  fwd = flops_lib.flamingo_forward_flops(cfg, bk.max_images, bk.text_length)
+  return loop.Task(init_params=model.init, apply_fn=model.apply, param_labels=flamingo.param_labels,
+                   train_data=train_data, val_data=val_data,
+                   flops_per_example=lambda trainable: flops_lib.train_flops_per_example(fwd, trainable))
