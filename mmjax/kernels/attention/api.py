@@ -161,6 +161,22 @@ def _mesh_axes(mesh, batch: int, heads: int, kv_heads: int):
   return tuple(batch_axes), heads_axis
 
 
+def _tpu_generation(mesh) -> str | None:
+  """'v5e', 'v5p', 'v6e', ... of the devices the call will run on (None if not TPU)."""
+  devices = getattr(mesh, "devices", None)
+  device = devices.flat[0] if devices is not None else jax.devices()[0]
+  kind = getattr(device, "device_kind", "").lower()
+  if not kind.startswith("tpu"):
+    return None
+  if "v6" in kind:
+    return "v6e"
+  if "v5 lite" in kind or "v5e" in kind:
+    return "v5e"
+  if "v5" in kind:
+    return "v5p"
+  return kind.removeprefix("tpu").strip() or None
+
+
 def _cudnn(query, key, value, allowed, scale):
   """cuDNN fused attention with the mask made dense; rows with no allowed key -> 0."""
   out = jax.nn.dot_product_attention(query, key, value, mask=allowed[:, None], scale=scale,
@@ -257,6 +273,9 @@ def attention(
   )
   del mask_kwargs["causal"]
   query_ids, key_ids = masking.stack_ids(spec, b, t, s, **mask_kwargs)
+
+  if block_sizes is None and backend is AttentionBackend.PALLAS_TPU:
+    block_sizes = BlockSizes.for_tpu(_tpu_generation(_context_mesh(mesh)))
 
   def call(q, k, v, q_ids, k_ids):
     return kernel.flash_attention(q, k, v, q_ids, k_ids, spec=spec, scale=scale,
