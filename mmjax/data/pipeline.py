@@ -70,12 +70,17 @@ class _DropBadRecords(grain.IterDataset):
     return _DropBadRecordsIterator(self._parent.__iter__())
 
 
-class Pipeline:
-  """An iterator of batches with `get_state()`, `set_state()` and `bad_data_counts`."""
+class Pipeline(grain.DatasetIterator):
+  """An iterator of batches with `get_state()`, `set_state()` and `bad_data_counts`.
+
+  A `grain.DatasetIterator`, so grain's Orbax handler (`grain.checkpoint.CheckpointSave`)
+  saves its state as JSON beside the model.
+  """
 
   def __init__(self, dataset: grain.IterDataset, bucket: Bucket, batch_size: int):
-    self.bucket, self.batch_size = bucket, batch_size
     self._iterator = dataset.__iter__()
+    super().__init__(self._iterator)
+    self.bucket, self.batch_size = bucket, batch_size
     node = self._iterator
     while not isinstance(node, _DropBadRecordsIterator):
       node = node._parent  # pylint: disable=protected-access
@@ -98,10 +103,6 @@ class Pipeline:
     """Records skipped so far, by reason (counted since the start, across resumes)."""
     return dict(self._counter.counts)
 
-  def close(self) -> None:
-    close = getattr(self._iterator, "close", None)
-    if close is not None:
-      close()
 
 
 def mixture_weights(sizes: Mapping[str, int], mixture: Mapping[str, float] | str) -> dict[str, float]:
@@ -174,7 +175,7 @@ def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size:
     data_dir: holds `mmjax_data.json` (`mmjax data build`); default `default_data_dir()`.
     split: "train", "validation" or "test" (or an imported dataset's split).
     batch_size: B, per JAX process.
-    bucket: (max_images N, text_length T, image_size S).
+    bucket: `Bucket` or a tuple (max_images N, text_length T, image_size S).
     seed: shuffling seed; the same seed gives the same batches.
     mixture: dataset name -> weight (default `DEFAULT_MIXTURE`), or "sqrt".
     num_workers: grain worker processes (0: in this process); batches do not depend on it.
@@ -190,6 +191,8 @@ def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size:
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}; expected >= 1")
+  if not isinstance(bucket, Bucket):
+    bucket = Bucket(*bucket)  # a plain (max_images, text_length, image_size) tuple
   if num_workers < 0:
     raise ValueError(f"num_workers={num_workers}; expected >= 0")
   examples = example_dataset(data_dir, split, bucket, seed, mixture, shard_by_jax_process,

@@ -4,7 +4,6 @@ import json
 import time
 
 import pytest
-
 from PIL import Image
 
 from mmjax import cli
