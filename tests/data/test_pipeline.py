@@ -2,7 +2,11 @@
 
 import collections
 import dataclasses
+import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import grain
 import numpy as np
@@ -126,3 +130,21 @@ def test_one_epoch_without_shuffling_reads_every_record_once(data_dir):
 def test_unknown_dataset_names_are_refused(data_dir):
   with pytest.raises(ValueError, match="mixture names"):
     _make(data_dir, mixture={"laion": 1.0})
+
+
+def _digest(batches):
+  h = hashlib.sha256()
+  for batch in batches:
+    for key in sorted(batch):
+      h.update(key.encode() + np.ascontiguousarray(batch[key]).tobytes())
+  return h.hexdigest()
+
+
+def test_another_process_with_another_hash_seed_gives_the_same_batches(data_dir):
+  code = ("import sys; sys.path.insert(0, '.'); from tests.data import test_pipeline as t; "
+          f"print('DIGEST=' + t._digest(t._take(t._make({data_dir!r}), 4)))")
+  env = dict(os.environ, PYTHONHASHSEED="12345", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120, check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  digest = next(l for l in out.stdout.splitlines() if l.startswith("DIGEST="))[7:]
+  assert digest == _digest(_take(_make(data_dir), 4))
