@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,10 +14,18 @@ from mmjax.models.perceiver import PerceiverConfig, PerceiverResampler
 
 CONFIG = PerceiverConfig(width=16, depth=2, num_heads=2, head_dim=4, num_latents=3, ff_mult=2,
                          max_num_frames=2, max_num_media=3)
+# One input shape [B, N, F, P, D] for every compiled call: compiles dominate these tests' time.
+SHAPE = (2, 3, 2, 5, 16)
+
+
+@functools.cache
+def _jitted(config):
+  """(init, apply) compiled once per config and shape: compiles dominate these tests' time."""
+  return jax.jit(PerceiverResampler(config).init), jax.jit(PerceiverResampler(config).apply)
 
 
 def _init(config, x):
-  params = nn.unbox(jax.jit(PerceiverResampler(config).init)(jax.random.key(0), x)["params"])
+  params = nn.unbox(_jitted(config)[0](jax.random.key(0), x)["params"])
   # Norm params start at (1, 0): perturb them so the reference checks their use.
   rng = np.random.default_rng(0)
   return jax.tree_util.tree_map_with_path(
@@ -59,15 +69,15 @@ def _numpy_resampler(params, x, c):
 
 
 def test_resampler_matches_a_float64_numpy_transcription_of_the_reference():
-  x = np.random.default_rng(1).standard_normal((2, 3, 2, 5, 16)).astype(np.float32)
+  x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
   params = _init(CONFIG, jnp.asarray(x))
-  got = jax.jit(PerceiverResampler(CONFIG).apply)({"params": params}, jnp.asarray(x))
+  got = _jitted(CONFIG)[1]({"params": params}, jnp.asarray(x))
   want = _numpy_resampler(params, x.astype(np.float64), CONFIG)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
 
 
 def test_output_has_num_latents_tokens_whatever_the_number_of_patches():
-  params = _init(CONFIG, jnp.ones((2, 3, 1, 4, 16), jnp.float32))
+  params = _init(CONFIG, jnp.ones(SHAPE, jnp.float32))
   for frames, patches in [(1, 1), (1, 9), (2, 5), (1, 257)]:
     x = jax.ShapeDtypeStruct((2, 3, frames, patches, 16), jnp.float32)
     out = jax.eval_shape(PerceiverResampler(CONFIG).apply, {"params": params}, x)
@@ -76,9 +86,9 @@ def test_output_has_num_latents_tokens_whatever_the_number_of_patches():
 
 def test_each_image_is_resampled_independently_of_the_others():
   rng = np.random.default_rng(2)
-  x = rng.standard_normal((1, 3, 1, 4, 16)).astype(np.float32)
+  x = rng.standard_normal(SHAPE).astype(np.float32)
   params = _init(CONFIG, jnp.asarray(x))
-  apply = jax.jit(PerceiverResampler(CONFIG).apply)
+  apply = _jitted(CONFIG)[1]
   base = np.asarray(apply({"params": params}, jnp.asarray(x)))
   x2 = x.copy()
   # Not a constant shift: norm_media would remove it.
@@ -89,13 +99,13 @@ def test_each_image_is_resampled_independently_of_the_others():
 
 
 def test_media_time_embeddings_make_identical_images_differ_by_position():
-  x = np.tile(np.random.default_rng(3).standard_normal((1, 1, 1, 4, 16)), (1, 2, 1, 1, 1))
+  x = np.tile(np.random.default_rng(3).standard_normal((2, 1, 2, 5, 16)), (1, 3, 1, 1, 1))
   params = _init(CONFIG, jnp.asarray(x, jnp.float32))
-  out = np.asarray(jax.jit(PerceiverResampler(CONFIG).apply)({"params": params}, jnp.asarray(x, jnp.float32)))
+  out = np.asarray(_jitted(CONFIG)[1]({"params": params}, jnp.asarray(x, jnp.float32)))
   assert np.abs(out[0, 0] - out[0, 1]).max() > 1e-3
   plain = PerceiverConfig(**{**CONFIG.__dict__, "max_num_media": None})
   plain_params = {k: v for k, v in params.items() if k != "media_time_embs"}
-  out = np.asarray(jax.jit(PerceiverResampler(plain).apply)({"params": plain_params}, jnp.asarray(x, jnp.float32)))
+  out = np.asarray(_jitted(plain)[1]({"params": plain_params}, jnp.asarray(x, jnp.float32)))
   np.testing.assert_allclose(out[0, 0], out[0, 1], atol=1e-6)
 
 
