@@ -1,1 +1,14 @@
-"""Inference: cached generation and sampling."""
+"""Inference: cached generation and sampling.
+
+  from mmjax.infer import generate, prompt
+  images, ids = prompt.few_shot([(img1, "a cat"), (img2, "a dog")], img3, "a", config, tok.encode)
+  out = generate(config, params, images[None], ids[None], max_new_tokens=16,
+                 sampling="top_p", rng=jax.random.key(0))
+  out.tokens  # Int32[B, max_new_tokens]
+"""
+
+from mmjax.infer import prompt
+from mmjax.infer.generate import GenerateOutput, Generator, generate
+from mmjax.infer.sampling import Sampling, sample
+
+__all__ = ["GenerateOutput", "Generator", "Sampling", "generate", "prompt", "sample"]
