@@ -7,8 +7,10 @@ parameter is perturbed so LayerNorm scales and biases are not the trivial 1 and 
 
 from __future__ import annotations
 
+import functools
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,10 +74,14 @@ def _hf(model, images: np.ndarray):
   return to_numpy(out)
 
 
-def _ours(config: vit.ViTConfig, params, images: np.ndarray) -> dict:
+@functools.cache
+def _features_fn(config: vit.ViTConfig):
   model = vit.VisionTransformer(config)
-  return jax.jit(lambda p, x: model.apply({"params": p}, x, method=vit.VisionTransformer.features))(
-      params, jnp.asarray(images))
+  return jax.jit(lambda p, x: model.apply({"params": p}, x, method=vit.VisionTransformer.features))
+
+
+def _ours(config: vit.ViTConfig, params, images: np.ndarray) -> dict:
+  return _features_fn(config)(params, jnp.asarray(images))
 
 
 def _maxdiff(a, b) -> float:
@@ -140,7 +146,7 @@ def test_converted_tree_has_the_structure_and_shapes_of_init(clip, siglip):
     size = config.image_size
     init = jax.eval_shape(vit.VisionTransformer(config).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-    expected = jax.tree.map(lambda x: (x.shape, x.dtype), __import__("flax").linen.unbox(init["params"]))
+    expected = jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(init["params"]))
     got = jax.tree.map(lambda x: (x.shape, x.dtype), load(path, config))
     assert got == expected
 
