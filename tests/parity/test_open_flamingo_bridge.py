@@ -26,7 +26,7 @@ MEDIA_TOKEN = 7
 
 
 def _same_tree_structure(params, module, *args, **kwargs):
-  init = nn.unbox(module.init(jax.random.key(0), *args, **kwargs)["params"])
+  init = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args, **kwargs)["params"])
   assert jax.tree.structure(params) == jax.tree.structure(init)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(init)):
     assert a.shape == b.shape and a.dtype == b.dtype
@@ -122,7 +122,7 @@ def test_gated_xattn_matches_open_flamingo(only_immediate):
 
   # Cached media keys/values (generation) give the same output.
   kv = jax.jit(lambda p, m: model.apply(p, m, method=GatedXAttnDense.compute_media_kv))({"params": params}, mj)
-  got_kv = np.asarray(model.apply({"params": params}, xj, image_index, media_kv=kv))
+  got_kv = np.asarray(jax.jit(model.apply)({"params": params}, xj, image_index, media_kv=kv))
   np.testing.assert_allclose(got_kv, got, atol=1e-6, rtol=0)
 
 
@@ -145,7 +145,7 @@ def test_gated_xattn_with_cached_media_matches_reference_use_cached_media():
   # New tokens see the images of the whole prompt: image_index = number of images so far.
   count = (ids == MEDIA_TOKEN).sum(axis=1)
   image_index = jnp.asarray(np.repeat(count[:, None], 3, axis=1), jnp.int32)
-  got = np.asarray(GatedXAttnDense(config).apply(
+  got = np.asarray(jax.jit(GatedXAttnDense(config).apply)(
       {"params": params}, jnp.asarray(to_numpy(x_new)), image_index, media=jnp.asarray(to_numpy(media))))
   np.testing.assert_array_less(np.abs(got - want).max(), TOL)
 
