@@ -163,8 +163,10 @@ def _mesh_axes(mesh, batch: int, heads: int, kv_heads: int):
 
 def _tpu_generation(mesh) -> str | None:
   """'v5e', 'v5p', 'v6e', ... of the devices the call will run on (None if not TPU)."""
-  devices = getattr(mesh, "devices", None)
-  device = devices.flat[0] if devices is not None else jax.devices()[0]
+  try:
+    device = mesh.devices.flat[0]
+  except (AttributeError, ValueError):  # no mesh, or an AbstractMesh (no devices)
+    device = jax.devices()[0]
   kind = getattr(device, "device_kind", "").lower()
   if not kind.startswith("tpu"):
     return None

@@ -1,0 +1,323 @@
+"""`mmjax bench <what>`: benchmarks. Sub-verbs: ``attention`` (kernels vs XLA and cuDNN).
+
+``mmjax bench attention`` sweeps sequence length (512 to 8192), the Flamingo
+cross-attention shapes (text length x images x latents), head dim, causal or not and
+dtype. It prints a table and writes ``<out>.json`` and ``<out>.md``.
+
+- On a GPU or TPU it times forward and forward+backward of the Pallas kernel, the XLA
+  reference and (GPU) cuDNN, and reports TFLOP/s counted the FlashAttention way
+  (4·B·H·T·S·K for the forward, halved when causal; backward 2.5x forward) and as a share
+  of the device's dense bf16 peak.
+- On CPU timings mean nothing (kernels run in interpret mode), so it reports the
+  compiled temporary memory (``memory_analysis().temp_size_in_bytes``) of the kernel
+  and of the reference, which shows whether memory grows linearly or quadratically with
+  length. The CPU kernel is the Pallas GPU kernel in interpret mode, which lowers to
+  plain XLA loops over the same tiles (the TPU interpreter runs through host callbacks
+  whose buffers memory_analysis cannot see).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+# Dense bf16 peak TFLOP/s per device kind (datasheets; never the sparse figure).
+PEAK_TFLOPS = {
+    "h100": 989.0, "h200": 989.0, "h800": 989.0, "a100": 312.0, "l4": 121.0,
+    "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
+    "tpu v6 lite": 918.0, "tpu v6e": 918.0, "tpu v4": 275.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """One attention shape: B batch, T queries, S keys, H heads, K head dim."""
+
+  kind: str  # "self" or "cross" (Flamingo text -> image latents)
+  batch: int
+  query_length: int
+  key_length: int
+  heads: int
+  head_dim: int
+  causal: bool
+  dtype: str
+  images: int = 0
+  latents: int = 0
+
+  def flops(self, backward: bool) -> float:
+    """FlashAttention counting: 2 matmuls of 2·T·S·K per head; causal halves it."""
+    fwd = 4.0 * self.batch * self.heads * self.query_length * self.key_length * self.head_dim
+    if self.causal:
+      fwd /= 2
+    return fwd * (3.5 if backward else 1.0)
+
+
+def _shapes(args) -> list[Shape]:
+  shapes = []
+  for dtype in args.dtypes:
+    for head_dim in args.head_dims:
+      heads = args.width // head_dim
+      for causal in args.causal:
+        for length in args.lengths:
+          shapes.append(Shape("self", args.batch, length, length, heads, head_dim, causal,
+                              dtype))
+      for text, images, latents in args.cross:
+        shapes.append(Shape("cross", args.batch, text, images * latents, heads, head_dim,
+                            False, dtype, images, latents))
+  return shapes
+
+
+def _inputs(shape: Shape):
+  """Abstract inputs and mask keyword arguments of a shape."""
+  import jax
+  import jax.numpy as jnp
+  dtype = jnp.dtype(shape.dtype)
+  q = jax.ShapeDtypeStruct((shape.batch, shape.query_length, shape.heads, shape.head_dim), dtype)
+  k = jax.ShapeDtypeStruct((shape.batch, shape.key_length, shape.heads, shape.head_dim), dtype)
+  return q, k
+
+
+def _concrete_inputs(shape: Shape):
+  import jax
+  import jax.numpy as jnp
+  keys = jax.random.split(jax.random.key(0), 3)
+  q_abs, k_abs = _inputs(shape)
+  q = jax.random.normal(keys[0], q_abs.shape, q_abs.dtype)
+  k = jax.random.normal(keys[1], k_abs.shape, k_abs.dtype)
+  v = jax.random.normal(keys[2], k_abs.shape, k_abs.dtype)
+  return q, k, v
+
+
+def _mask_kwargs(shape: Shape):
+  """Mask arguments: causal, or the Flamingo mask with each image's <image> token spread
+  evenly over the text (the first tenth of the text sees no image)."""
+  import jax.numpy as jnp
+  if shape.kind == "self":
+    return dict(causal=shape.causal)
+  t, b = shape.query_length, shape.batch
+  starts = (jnp.arange(shape.images, dtype=jnp.int32) + 1) * (t // (shape.images + 1))
+  image_index = jnp.searchsorted(starts, jnp.arange(t, dtype=jnp.int32), side="right")
+  image_ids = jnp.repeat(jnp.arange(1, shape.images + 1, dtype=jnp.int32), shape.latents)
+  return dict(query_image_index=jnp.broadcast_to(image_index.astype(jnp.int32), (b, t)),
+              key_image_ids=jnp.broadcast_to(image_ids, (b, shape.key_length)))
+
+
+def _functions(shape: Shape, backend: str, interpret: bool):
+  """(forward, forward+backward) of one backend for a shape, both jitted."""
+  import jax
+  import jax.numpy as jnp
+  from mmjax.kernels.attention import attention
+  mask = _mask_kwargs(shape)
+
+  def forward(q, k, v):
+    return attention(q, k, v, **mask, backend=backend, interpret=interpret)
+
+  def loss(q, k, v):
+    return jnp.sum(forward(q, k, v).astype(jnp.float32))
+
+  return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _temp_bytes(fn, shape: Shape) -> int:
+  q, k = _inputs(shape)
+  return int(fn.lower(q, k, k).compile().memory_analysis().temp_size_in_bytes)
+
+
+def _memory_rows(shapes: list[Shape], kernel_backend: str) -> list[dict]:
+  rows = []
+  for shape in shapes:
+    row = dataclasses.asdict(shape)
+    for name, backend, interpret in (("kernel", kernel_backend, True), ("xla", "xla", False)):
+      fwd, fwd_bwd = _functions(shape, backend, interpret)
+      row[f"{name}_fwd_temp_bytes"] = _temp_bytes(fwd, shape)
+      row[f"{name}_fwd_bwd_temp_bytes"] = _temp_bytes(fwd_bwd, shape)
+    row["fwd_ratio"] = row["xla_fwd_temp_bytes"] / max(row["kernel_fwd_temp_bytes"], 1)
+    row["fwd_bwd_ratio"] = row["xla_fwd_bwd_temp_bytes"] / max(row["kernel_fwd_bwd_temp_bytes"], 1)
+    rows.append(row)
+    print(_memory_line(row), flush=True)
+  return rows
+
+
+def _time(fn, args, repeats: int) -> float:
+  import jax
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def _peak(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  for name, peak in sorted(PEAK_TFLOPS.items(), key=lambda item: -len(item[0])):
+    if name in kind:
+      return peak
+  return None
+
+
+def _timing_rows(shapes: list[Shape], backends: list[str], repeats: int, peak) -> list[dict]:
+  rows = []
+  for shape in shapes:
+    args = _concrete_inputs(shape)
+    row = dataclasses.asdict(shape)
+    for backend in backends:
+      fwd, fwd_bwd = _functions(shape, backend, interpret=False)
+      for label, fn, backward in (("fwd", fwd, False), ("fwd_bwd", fwd_bwd, True)):
+        try:
+          seconds = _time(fn, args, repeats)
+        except Exception as error:  # A backend that cannot run a shape: record why.
+          row[f"{backend}_{label}_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+          continue
+        tflops = shape.flops(backward) / seconds / 1e12
+        row[f"{backend}_{label}_ms"] = seconds * 1e3
+        row[f"{backend}_{label}_tflops"] = tflops
+        if peak:
+          row[f"{backend}_{label}_peak_share"] = tflops / peak
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  return rows
+
+
+def _mib(n: int) -> str:
+  return f"{n / 2**20:,.1f}"
+
+
+def _shape_label(row: dict) -> str:
+  if row["kind"] == "cross":
+    return (f"cross T={row['query_length']} x {row['images']} img x {row['latents']} lat")
+  return f"self T=S={row['query_length']}{' causal' if row['causal'] else ''}"
+
+
+def _memory_line(row: dict) -> str:
+  return (f"{_shape_label(row):<36} K={row['head_dim']:<4} {row['dtype']:<9} "
+          f"fwd temp MiB kernel {_mib(row['kernel_fwd_temp_bytes']):>9} "
+          f"xla {_mib(row['xla_fwd_temp_bytes']):>10} ({row['fwd_ratio']:,.0f}x)  "
+          f"fwd+bwd kernel {_mib(row['kernel_fwd_bwd_temp_bytes']):>9} "
+          f"xla {_mib(row['xla_fwd_bwd_temp_bytes']):>10} ({row['fwd_bwd_ratio']:,.0f}x)")
+
+
+def _markdown(meta: dict, rows: list[dict], mode: str) -> str:
+  lines = [f"# Attention benchmark ({mode})", ""]
+  lines += [f"- {k}: {v}" for k, v in meta.items()]
+  lines.append("")
+  if mode == "memory":
+    lines += [
+        "Compiled temporary memory (`memory_analysis().temp_size_in_bytes`, MiB) of the "
+        "Pallas kernel (GPU kernel, interpret mode: plain XLA loops over the same tiles) "
+        "and of the XLA reference. Timings on CPU mean nothing and are not reported.",
+        "",
+        "| shape | K | dtype | fwd kernel | fwd XLA | ratio | fwd+bwd kernel | fwd+bwd XLA | ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+      lines.append(
+          f"| {_shape_label(r)} | {r['head_dim']} | {r['dtype']} | "
+          f"{_mib(r['kernel_fwd_temp_bytes'])} | {_mib(r['xla_fwd_temp_bytes'])} | "
+          f"{r['fwd_ratio']:,.0f}x | {_mib(r['kernel_fwd_bwd_temp_bytes'])} | "
+          f"{_mib(r['xla_fwd_bwd_temp_bytes'])} | {r['fwd_bwd_ratio']:,.0f}x |")
+  else:
+    backends = meta["backends"]
+    header = "| shape | K | dtype | " + " | ".join(
+        f"{b} fwd ms (TF/s, peak) | {b} fwd+bwd ms (TF/s, peak)" for b in backends) + " |"
+    lines += [header, "|" + "---|" * (3 + 2 * len(backends))]
+    for r in rows:
+      cells = []
+      for b in backends:
+        for label in ("fwd", "fwd_bwd"):
+          if f"{b}_{label}_ms" in r:
+            share = r.get(f"{b}_{label}_peak_share")
+            cells.append(f"{r[f'{b}_{label}_ms']:.3f} ({r[f'{b}_{label}_tflops']:.0f}"
+                         + (f", {share:.0%})" if share else ")"))
+          else:
+            cells.append("error" if f"{b}_{label}_error" in r else "-")
+      lines.append(f"| {_shape_label(r)} | {r['head_dim']} | {r['dtype']} | "
+                   + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _parse_cross(text: str) -> tuple[int, int, int]:
+  try:
+    t, n, l = (int(x) for x in text.split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"cross shape {text!r}, expected TEXTxIMAGESxLATENTS like 2048x5x64") from None
+  return t, n, l
+
+
+def attention_main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="mmjax bench attention", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+  parser.add_argument("--cross", type=_parse_cross, nargs="*",
+                      default=[(2048, 5, 64), (8192, 16, 64)],
+                      help="Flamingo cross-attention shapes TEXTxIMAGESxLATENTS")
+  parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+  parser.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="+",
+                      default=[True, False], help="true and/or false")
+  parser.add_argument("--dtypes", nargs="+", default=None,
+                      help="default: bfloat16 on accelerators, float32 on CPU")
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--width", type=int, default=1024, help="heads x head_dim")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--out", default="benchmarks/attention",
+                      help="results go to OUT.json and OUT.md")
+  args = parser.parse_args(argv)
+
+  import jax
+  platform = jax.default_backend()
+  device = jax.devices()[0]
+  if args.dtypes is None:
+    args.dtypes = ["float32"] if platform == "cpu" else ["bfloat16"]
+  shapes = _shapes(args)
+  meta = {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "device": f"{platform}: {device.device_kind}",
+      "jax": jax.__version__,
+      "batch": args.batch,
+      "heads x head_dim": args.width,
+  }
+  if platform == "cpu":
+    mode = "memory"
+    rows = _memory_rows(shapes, "pallas_gpu")
+  else:
+    mode = "timing"
+    kernel = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+    backends = [kernel, "xla"] + (["cudnn"] if platform == "gpu" else [])
+    peak = _peak(device.device_kind)
+    meta.update(backends=backends, peak_tflops=peak)
+    rows = _timing_rows(shapes, backends, args.repeats, peak)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps({"meta": meta, "mode": mode, "rows": rows},
+                                                 indent=1) + "\n")
+  out.with_suffix(".md").write_text(_markdown(meta, rows, mode))
+  print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+  return 0
+
+
+VERBS = {
+    "attention": (attention_main, "attention kernels vs the XLA reference (and cuDNN on GPU)"),
+}
+
+
+def _usage() -> str:
+  lines = ["usage: mmjax bench <what> [options]", "", "benchmarks:"]
+  lines += [f"  {name:<11}{help_}" for name, (_, help_) in VERBS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+  if not argv or argv[0] in ("-h", "--help"):
+    print(_usage())
+    return 0
+  if argv[0] not in VERBS:
+    print(f"mmjax bench: unknown benchmark {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+  return VERBS[argv[0]][0](argv[1:]) or 0
