@@ -23,6 +23,10 @@ missing and mis-shaped ones, one ValueError listing them all. Deliberately dropp
 ``config.post_norm`` is False (LLaVA-style penultimate features) and ``head.*`` when
 ``config.map_head`` is False.
 
+The open_clip layout (``conv1``, ``transformer.resblocks.{i}``, ``ln_post``, ...: the
+``vision_encoder.*`` of a whole OpenFlamingo model) is recognised by its ``conv1.weight`` and
+read as well, by the same functions.
+
 torch layouts: Linear weight [out, in] -> kernel [in, out] (q/k/v: [D, h, K], out: [h, K, D]);
 Conv2d weight [D, C, p, p] -> kernel [p, p, C, D]; LayerNorm weight -> scale.
 """
@@ -137,11 +141,54 @@ def _expected(config: ViTConfig) -> dict[str, _Entry]:
   return e
 
 
+def _expected_open_clip(config: ViTConfig) -> dict[str, _Entry]:
+  """The same map for open_clip's ``VisionTransformer`` (OpenFlamingo's ``vision_encoder``).
+
+  conv1 / class_embedding / positional_embedding / ln_pre / transformer.resblocks.{i}
+  {ln_1, attn (packed in_proj), ln_2, mlp.c_fc, mlp.c_proj} / ln_post; ``proj`` (the
+  contrastive projection of the pooled token) is not part of the tower and is dropped.
+  """
+  cfg = config.validate()
+  if cfg.posemb != "learned" or not cfg.class_token or not cfg.pre_norm or cfg.map_head:
+    raise ValueError("open_clip ViTs have a CLS token, learned position embeddings, ln_pre and "
+                     f"no MAP head; got class_token={cfg.class_token}, posemb={cfg.posemb!r}, "
+                     f"pre_norm={cfg.pre_norm}, map_head={cfg.map_head}")
+  d, p, f = cfg.width, cfg.patch_size, cfg.mlp_dim
+  h, k = cfg.num_heads, cfg.width // cfg.num_heads
+  ident = lambda x: x  # noqa: E731
+  e: dict[str, _Entry] = {
+      "conv1.weight": _Entry(("patch_embed", "kernel"), (d, 3, p, p), lambda w: w.transpose(2, 3, 1, 0)),
+      "class_embedding": _Entry(("cls_token",), (d,), ident),
+      "positional_embedding": _Entry(("pos_embedding",), (cfg.num_tokens, d), ident),
+  }
+  if cfg.patch_bias:
+    e["conv1.bias"] = _Entry(("patch_embed", "bias"), (d,), ident)
+  e.update(_norm_entries("ln_pre", ("pre_norm",), d))
+  for i in range(cfg.depth):
+    t, m = f"transformer.resblocks.{i}", (f"layers_{i}",)
+    e.update(_norm_entries(f"{t}.ln_1", m + ("norm1",), d))
+    e.update(_norm_entries(f"{t}.ln_2", m + ("norm2",), d))
+    e.update(_packed_qkv_entries(f"{t}.attn", m + ("attn",), d, h, k))
+    e.update(_linear_entries(f"{t}.attn.out_proj", m + ("attn", "out"), d, d, in_shape=(h, k)))
+    e.update(_linear_entries(f"{t}.mlp.c_fc", m + ("mlp", "fc1"), d, f))
+    e.update(_linear_entries(f"{t}.mlp.c_proj", m + ("mlp", "fc2"), f, d))
+  if cfg.post_norm:
+    e.update(_norm_entries("ln_post", ("post_norm",), d))
+  return e
+
+
 def _dropped(key: str, config: ViTConfig) -> bool:
   """Keys a checkpoint may hold that this config deliberately does without."""
   return (key.endswith(_IGNORED_SUFFIXES)
-          or (not config.post_norm and key.startswith("post_layernorm."))
+          or key == "proj"  # open_clip's contrastive projection
+          or (not config.post_norm and key.startswith(("post_layernorm.", "ln_post.")))
           or (not config.map_head and key.startswith("head.")))
+
+
+def is_open_clip_layout(keys: Iterable[str], prefix: str = "") -> bool:
+  """Whether the vision keys under prefix follow open_clip (``conv1.weight``) rather than HF."""
+  keys = set(keys)
+  return prefix + "conv1.weight" in keys and prefix + "embeddings.patch_embedding.weight" not in keys
 
 
 def resolve_prefix(keys: Iterable[str], prefix: str | None) -> str:
@@ -161,10 +208,15 @@ def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
 
 def vit_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig, *,
                         prefix: str | None = None) -> dict:
-  """Params of ``VisionTransformer(config)`` from an HF CLIP or SigLIP vision state_dict."""
+  """Params of ``VisionTransformer(config)`` from an HF CLIP or SigLIP vision state_dict.
+
+  An open_clip ``VisionTransformer`` state_dict (what a whole OpenFlamingo model holds under
+  ``vision_encoder.``) is recognised by its ``conv1.weight`` and read with that layout.
+  """
   full_prefix = resolve_prefix(state_dict.keys(), prefix)
   present = {key[len(full_prefix):]: key for key in state_dict if key.startswith(full_prefix)}
-  expected = _expected(config)
+  open_clip = is_open_clip_layout(present)
+  expected = _expected_open_clip(config) if open_clip else _expected(config)
   missing = sorted(full_prefix + key for key in expected if key not in present)
   unexpected = sorted(full_key for key, full_key in present.items()
                       if key not in expected and not _dropped(key, config))
@@ -190,7 +242,7 @@ def vit_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig, *,
     else:
       hint = ""
     raise ValueError(
-        "state_dict does not match the ViT config "
+        f"{'open_clip' if open_clip else 'HF'} vision state_dict does not match the ViT config "
         f"(width={config.width}, depth={config.depth}, image_size={config.image_size}, "
         f"patch_size={config.patch_size}): "
         f"missing keys {missing}; unexpected keys {unexpected}; mis-shaped keys {misshaped}"

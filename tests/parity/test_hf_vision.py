@@ -7,6 +7,8 @@ parameter is perturbed so LayerNorm scales and biases are not the trivial 1 and 
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import json
 
@@ -252,3 +254,66 @@ def test_other_resolutions_match_hf_interpolate_pos_encoding(clip, siglip, famil
   last = ours["hidden_states"][-1] if family == "clip" else ours["tokens"]
   assert _maxdiff(last, ref["last_hidden_state"]) <= TOL
   assert _maxdiff(ours["pooled"], ref["pooler_output"]) <= TOL
+
+
+class _OpenClipBlock(torch.nn.Module):
+  """open_clip's ResidualAttentionBlock (no layer scale), with its attribute names."""
+
+  def __init__(self, d: int, heads: int, mlp: int):
+    super().__init__()
+    self.ln_1 = torch.nn.LayerNorm(d)
+    self.attn = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+    self.ln_2 = torch.nn.LayerNorm(d)
+    self.mlp = torch.nn.Sequential(collections.OrderedDict(
+        c_fc=torch.nn.Linear(d, mlp), gelu=transformers.activations.QuickGELUActivation(),
+        c_proj=torch.nn.Linear(mlp, d)))
+
+  def forward(self, x):
+    y = self.ln_1(x)
+    x = x + self.attn(y, y, y, need_weights=False)[0]
+    return x + self.mlp(self.ln_2(x))
+
+
+class _OpenClipVisual(torch.nn.Module):
+  """open_clip's VisionTransformer as OpenFlamingo calls it: visual(x) -> (pooled, tokens)."""
+
+  def __init__(self, d=32, heads=4, mlp=64, depth=2, image=16, patch=4, out=24):
+    super().__init__()
+    grid = image // patch
+    self.conv1 = torch.nn.Conv2d(3, d, patch, stride=patch, bias=False)
+    self.class_embedding = torch.nn.Parameter(torch.randn(d))
+    self.positional_embedding = torch.nn.Parameter(0.1 * torch.randn(grid * grid + 1, d))
+    self.ln_pre = torch.nn.LayerNorm(d)
+    self.transformer = torch.nn.Module()
+    self.transformer.resblocks = torch.nn.ModuleList([_OpenClipBlock(d, heads, mlp) for _ in range(depth)])
+    self.ln_post = torch.nn.LayerNorm(d)
+    self.proj = torch.nn.Parameter(torch.randn(d, out))
+
+  def forward(self, x):
+    x = self.conv1(x).flatten(2).transpose(1, 2)
+    cls = self.class_embedding.expand(x.shape[0], 1, -1)
+    x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+    for block in self.transformer.resblocks:
+      x = block(x)
+    x = self.ln_post(x)
+    return x[:, 0] @ self.proj, x[:, 1:]
+
+
+def test_open_clip_vision_encoder_of_a_whole_open_flamingo_is_read_and_matches():
+  seed_torch(0)
+  visual = _perturb(_OpenClipVisual())
+  holder = torch.nn.Module()
+  holder.vision_encoder = visual  # open_flamingo's Flamingo keeps vision_encoder.visual here
+  holder.perceiver = torch.nn.Linear(2, 2)
+  config = dataclasses.replace(vit.VIT_TINY, image_size=16, width=32, mlp_dim=64, num_heads=4)
+  sd = holder.state_dict()
+  assert hf_vision.is_open_clip_layout(sd, "vision_encoder.")
+  params = hf_vision.clip_vision_from_state_dict(sd, config, prefix="vision_encoder.")
+  images = _images(16)
+  with torch.no_grad():
+    _, want = to_numpy(visual(torch.from_numpy(images.transpose(0, 3, 1, 2))))
+  ours = _ours(config, params, images)
+  assert _maxdiff(ours["tokens"][:, 1:], want) <= TOL
+  del sd["vision_encoder.transformer.resblocks.1.attn.in_proj_bias"]
+  with pytest.raises(ValueError, match=r"open_clip .*missing keys \['vision_encoder\.transformer\.resblocks\.1\.attn\.in_proj_bias'\]"):
+    hf_vision.clip_vision_from_state_dict(sd, config, prefix="vision_encoder.")
