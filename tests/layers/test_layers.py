@@ -1,0 +1,82 @@
+"""Shared layers against float64 numpy references: RMSNorm, LayerNorm, RoPE, SwiGLU, and
+self-attention (GQA, RoPE) with and without its key/value cache."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.layers.attention import Attention, init_cache
+from mmjax.layers.mlp import SwiGLU
+from mmjax.layers.norms import LayerNorm, RMSNorm
+from mmjax.layers.posemb import rope
+
+RNG = np.random.default_rng(0)
+
+
+def _np_rope(x, positions, theta):
+  """HF LLaMA's rotate_half RoPE in float64: x [B, T, H, K], positions [B, T]."""
+  k = x.shape[-1]
+  inv = 1.0 / theta ** (np.arange(0, k, 2) / k)
+  ang = positions[:, :, None, None] * np.concatenate([inv, inv])[None, None, None, :]
+  rotated = np.concatenate([-x[..., k // 2:], x[..., : k // 2]], axis=-1)
+  return x * np.cos(ang) + rotated * np.sin(ang)
+
+
+def test_rms_norm_and_layer_norm_match_float64_numpy():
+  x = RNG.standard_normal((2, 3, 16))
+  params = {"params": {"scale": RNG.standard_normal(16), "bias": RNG.standard_normal(16)}}
+  got = RMSNorm(eps=1e-6).apply({"params": {"scale": params["params"]["scale"]}}, jnp.asarray(x, jnp.float32))
+  want = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-6) * params["params"]["scale"]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  got = LayerNorm(eps=1e-5).apply(params, jnp.asarray(x, jnp.float32))
+  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  np.testing.assert_allclose(got, (x - mu) / np.sqrt(var + 1e-5) * params["params"]["scale"]
+                             + params["params"]["bias"], atol=1e-5)
+
+
+def test_rope_matches_hf_rotate_half_at_arbitrary_positions():
+  x = RNG.standard_normal((2, 5, 3, 8))
+  positions = RNG.integers(0, 1000, (2, 5))
+  got = rope(jnp.asarray(x, jnp.float32), jnp.asarray(positions, jnp.int32), 500000.0)
+  np.testing.assert_allclose(got, _np_rope(x, positions, 500000.0), atol=2e-4)
+
+
+def test_swiglu_matches_numpy():
+  x = RNG.standard_normal((2, 3, 8)).astype(np.float32)
+  module = SwiGLU(mlp_dim=12)
+  params = nn.unbox(module.init(jax.random.key(0), x))
+  p = jax.tree.map(np.asarray, params["params"])
+  gate, up = x @ p["gate_proj"]["kernel"], x @ p["up_proj"]["kernel"]
+  want = (gate / (1 + np.exp(-gate)) * up) @ p["down_proj"]["kernel"]
+  np.testing.assert_allclose(module.apply(params, x), want, atol=1e-5)
+
+
+def test_gqa_attention_with_rope_matches_a_float64_reference_and_its_cache_gives_the_same_output():
+  b, t, d, h, g, k = 2, 6, 16, 4, 2, 4
+  x = RNG.standard_normal((b, t, d)).astype(np.float32)
+  module = Attention(num_heads=h, head_dim=k, num_kv_heads=g, rope_theta=10000.0)
+  params = nn.unbox(module.init(jax.random.key(1), x, causal=True))
+  apply = jax.jit(module.apply, static_argnames="causal")
+  out, _ = apply(params, x, causal=True)
+
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  pos = np.broadcast_to(np.arange(t), (b, t))
+  q = _np_rope(np.einsum("btd,dhk->bthk", x, p["query"]["kernel"]), pos, 10000.0)
+  key = _np_rope(np.einsum("btd,dgk->btgk", x, p["key"]["kernel"]), pos, 10000.0)
+  value = np.einsum("btd,dgk->btgk", x, p["value"]["kernel"])
+  key, value = np.repeat(key, h // g, axis=2), np.repeat(value, h // g, axis=2)  # head i -> kv i // 2
+  logits = np.einsum("bthk,bshk->bhts", q, key) / np.sqrt(k)
+  logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = np.einsum("bhts,bshk,hkd->btd", probs, value, p["out"]["kernel"])
+  np.testing.assert_allclose(out, want, atol=1e-5)
+
+  cache = init_cache(b, 8, g, k)
+  first, cache = apply(params, x[:, :4], causal=True, cache=cache)
+  steps = [first]
+  for i in range(4, t):
+    y, cache = apply(params, x[:, i:i + 1], positions=jnp.full((b, 1), i, jnp.int32), cache=cache)
+    steps.append(y)
+  np.testing.assert_allclose(np.concatenate(steps, 1), out, atol=1e-5)
