@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.layers.posemb import sincos_2d
 from mmjax.models import vit
 
 TINY = vit.VIT_TINY
@@ -144,7 +145,7 @@ def _np_reference(config: vit.ViTConfig, params, images: np.ndarray) -> np.ndarr
   s = config.patch_size
   patches = images.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, s * s * c)
   x = patches @ p["patch_embed"]["kernel"].reshape(s * s * c, -1) + p["patch_embed"]["bias"]
-  x = x + vit.sincos_2d(h // s, w // s, config.width).astype(np.float64)
+  x = x + sincos_2d(h // s, w // s, config.width).astype(np.float64)
   for i in range(config.depth):
     lp = p[f"layers_{i}"]
     y = _np_layer_norm(x, lp["norm1"]["scale"], lp["norm1"]["bias"], config.norm_eps)
