@@ -99,8 +99,8 @@ def test_force_interpret_runs_pallas_backends_without_an_interpret_argument():
          kv_heads=1),
     Case("decode_over_long_cache", batch=3, query_length=1, key_length=100, heads=4,
          kv_heads=2, causal=True, decode=True),
-    Case("flamingo_with_segments_and_causal_positions", batch=2, query_length=40, images=3,
-         latents=16, heads=2, kv_heads=1, segments=False, causal=False),
+    Case("flamingo_many_short_images_gqa", batch=2, query_length=40, images=6,
+         latents=4, heads=2, kv_heads=1),
 ], ids=lambda c: c.name)
 def test_kernel_equals_reference_on_the_larger_grid(case, backend, dtype):
   check_backend_matches_reference(case, backend, dtype, block_sizes=TINY_BLOCKS[backend])
