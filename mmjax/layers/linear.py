@@ -65,6 +65,6 @@ def dense(
       dtype=jnp.dtype(dtype),
       param_dtype=jnp.float32,
       kernel_init=_logical_init(kernel_init, kernel_axes),
-      bias_init=nn.with_logical_partitioning(bias_init, kernel_axes[-n_out:]),
+      bias_init=_logical_init(bias_init, kernel_axes[-n_out:]),  # flat too, like the kernel
       name=name,
   )
