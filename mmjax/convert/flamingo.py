@@ -3,11 +3,14 @@
 The state_dict of ``open_flamingo.src.flamingo.Flamingo`` over a LLaMA-architecture HF LM
 holds (torch layouts; see each converter's docstring):
 
-- ``vision_encoder.*``: the vision tower (``Flamingo.vision_encoder = vision_encoder.visual``).
-  Read by ``mmjax.convert.hf_vision.clip_vision_from_state_dict`` under that prefix, so the
-  visual module's keys must follow HF ``CLIPVisionModel`` (OpenFlamingo releases use
-  open_clip's OpenAI ViT-L/14, whose weights are the same as HF's
-  ``openai/clip-vit-large-patch14``: pass that model's state_dict as ``vision_state_dict``).
+- ``vision_encoder.*``: the vision tower (``Flamingo.vision_encoder = vision_encoder.visual``),
+  read by ``mmjax.convert.hf_vision.clip_vision_from_state_dict`` under that prefix. Two
+  layouts are accepted: HF ``CLIPVisionModel`` keys, and open_clip's ``VisionTransformer``
+  keys (what OpenFlamingo releases hold: ``conv1``, ``class_embedding``,
+  ``positional_embedding``, ``ln_pre``, ``transformer.resblocks.{i}.{ln_1, attn.in_proj_*,
+  attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``, ``ln_post``, ``proj``), renamed by
+  :func:`open_clip_visual_to_hf` (``proj``, the pooled projection Flamingo never uses, is
+  dropped).
 - ``perceiver.*`` and ``lang_encoder.gated_cross_attn_layers.{i}.*``: the bridge, read by
   ``mmjax.convert.open_flamingo``.
 - ``lang_encoder.*``: the LM. After ``FlamingoLMMixin.init_flamingo`` each decoder layer is
@@ -68,6 +71,59 @@ def _unwrap_lm_keys(sd: Mapping[str, Any], prefix: str) -> tuple[dict[str, Any],
   return out, aliases
 
 
+def open_clip_visual_to_hf(sd: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """open_clip ``VisionTransformer`` keys under ``prefix`` -> HF ``CLIPVisionModel`` keys.
+
+  ``attn.in_proj_weight`` [3D, D] (torch ``nn.MultiheadAttention``: queries, keys, values
+  stacked) is split into ``q_proj``/``k_proj``/``v_proj``. Keys outside ``prefix`` are
+  returned unchanged; keys inside it that are not open_clip's stay as they are, so the
+  vision converter reports them.
+  """
+  top = {"conv1.weight": "embeddings.patch_embedding.weight",
+         "class_embedding": "embeddings.class_embedding",
+         "positional_embedding": "embeddings.position_embedding.weight"}
+  blocks = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "attn.out_proj.": "self_attn.out_proj.",
+            "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+  block_key = re.compile(r"^transformer\.resblocks\.(\d+)\.(.*)$")
+  out: dict[str, Any] = {}
+  for key, value in sd.items():
+    if not key.startswith(prefix):
+      out[key] = value
+      continue
+    rest = key[len(prefix):]
+    if rest == "proj":
+      continue
+    if rest in top:
+      out[prefix + top[rest]] = value
+    elif rest.startswith(("ln_pre.", "ln_post.")):
+      name = "pre_layrnorm." if rest.startswith("ln_pre.") else "post_layernorm."
+      out[prefix + name + rest.split(".", 1)[1]] = value
+    elif m := block_key.match(rest):
+      layer, name = f"{prefix}encoder.layers.{m[1]}.", m[2]
+      if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        suffix = name.rsplit("_", 1)[1]
+        q, k, v = np_split3(value)
+        for part, tensor in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
+          out[f"{layer}self_attn.{part}.{suffix}"] = tensor
+        continue
+      for old, new in blocks.items():
+        if name.startswith(old):
+          out[layer + new + name[len(old):]] = value
+          break
+      else:
+        out[key] = value
+    else:
+      out[key] = value
+  return out
+
+
+def np_split3(value: Any):
+  """Three equal parts along the first axis (a torch tensor or an array)."""
+  value = hf_llama.to_numpy(value)
+  n = value.shape[0] // 3
+  return value[:n], value[n:2 * n], value[2 * n:]
+
+
 def flamingo_from_state_dict(
     sd: Mapping[str, Any],
     config: FlamingoConfig,
@@ -81,6 +137,12 @@ def flamingo_from_state_dict(
   ``nn.unbox(Flamingo(config).init(...)["params"])``.
   """
   consumed: set[str] = set()
+  if VISION_PREFIX + "conv1.weight" in sd:  # open_clip layout
+    original = [k for k in sd if k.startswith(VISION_PREFIX)]
+    sd = open_clip_visual_to_hf(sd, VISION_PREFIX)
+    consumed.update(original)
+  if vision_state_dict is not None and "conv1.weight" in vision_state_dict:
+    vision_state_dict = open_clip_visual_to_hf(vision_state_dict)
 
   if vision_state_dict is None:
     vision = hf_vision.clip_vision_from_state_dict(sd, config.vision, prefix=VISION_PREFIX)

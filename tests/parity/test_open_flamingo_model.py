@@ -122,3 +122,73 @@ def test_converted_tree_matches_init_and_stray_keys_are_reported(reference):
   del sd["lang_encoder.model.extra.weight"]
   with pytest.raises(ValueError, match="stray.bias"):
     flamingo_convert.flamingo_from_state_dict(sd, config)
+
+
+class _OpenClipBlock(torch.nn.Module):
+  """open_clip's ResidualAttentionBlock (OpenAI weights: QuickGELU, no layer scale)."""
+
+  def __init__(self, d, heads, mlp):
+    super().__init__()
+    self.ln_1 = torch.nn.LayerNorm(d)
+    self.attn = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+    self.ln_2 = torch.nn.LayerNorm(d)
+    self.mlp = torch.nn.Sequential()
+    self.mlp.add_module("c_fc", torch.nn.Linear(d, mlp))
+    self.mlp.add_module("gelu", _QuickGELU())
+    self.mlp.add_module("c_proj", torch.nn.Linear(mlp, d))
+
+  def forward(self, x):
+    h = self.ln_1(x)
+    x = x + self.attn(h, h, h, need_weights=False)[0]
+    return x + self.mlp(self.ln_2(x))
+
+
+class _QuickGELU(torch.nn.Module):
+  def forward(self, x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class _OpenClipVisual(torch.nn.Module):
+  """The module layout and forward of open_clip's VisionTransformer with output_tokens=True."""
+
+  def __init__(self, d=32, layers=2, heads=4, mlp=64, patch=7, image=28, embed=24):
+    super().__init__()
+    grid = image // patch
+    self.conv1 = torch.nn.Conv2d(3, d, patch, patch, bias=False)
+    self.class_embedding = torch.nn.Parameter(torch.randn(d) * d**-0.5)
+    self.positional_embedding = torch.nn.Parameter(torch.randn(grid * grid + 1, d) * d**-0.5)
+    self.ln_pre = torch.nn.LayerNorm(d)
+    self.transformer = torch.nn.Module()
+    self.transformer.resblocks = torch.nn.ModuleList([_OpenClipBlock(d, heads, mlp) for _ in range(layers)])
+    self.ln_post = torch.nn.LayerNorm(d)
+    self.proj = torch.nn.Parameter(torch.randn(d, embed) * d**-0.5)
+
+  def forward(self, x):
+    x = self.conv1(x).flatten(2).permute(0, 2, 1)
+    cls = self.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1])
+    x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+    for block in self.transformer.resblocks:
+      x = block(x)
+    x = self.ln_post(x)
+    return x[:, 0] @ self.proj, x[:, 1:]
+
+
+def test_open_clip_vision_keys_import_and_give_the_same_patch_tokens():
+  from mmjax.models.vit import VisionTransformer
+  torch.manual_seed(1)
+  visual = _OpenClipVisual().eval()
+  with torch.no_grad():  # LayerNorms start at identity: perturb them so their import shows
+    for name, p in visual.named_parameters():
+      if "ln_" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  sd = {"vision_encoder." + k: v for k, v in visual.state_dict().items()}
+  hf_sd = flamingo_convert.open_clip_visual_to_hf(sd, "vision_encoder.")
+  config = hf_vision.config_from_hf_clip(dict(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      image_size=28, patch_size=7))
+  params = hf_vision.clip_vision_from_state_dict(hf_sd, config, prefix="vision_encoder.")
+  pixels = np.random.default_rng(0).standard_normal((2, 28, 28, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = visual(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))[1].numpy()
+  got = VisionTransformer(config).apply({"params": params}, jnp.asarray(pixels))[:, 1:]
+  assert float(np.max(np.abs(np.asarray(got) - want))) <= 1e-4
