@@ -98,3 +98,26 @@ def test_attention_rejects_an_unknown_backend_by_name():
   (q, k, v), _ = make_inputs(case)
   with pytest.raises(ValueError, match="backend='flash'"):
     attention(q, k, v, backend="flash")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_live_windows_cover_every_live_tile_and_exclude_dead_edges(case):
+  spec, query_ids, key_ids, _ = _spec_and_ids(case)
+  block_q = 1 if case.query_length == 1 else 8
+  q_ranges = masking.tile_ranges(query_ids, block_q, 1)
+  k_ranges = masking.tile_ranges(key_ids, 8, 2)
+  qr, kr = np.asarray(q_ranges), np.asarray(k_ranges)
+  live = np.array([[[bool(masking.tile_live(
+      spec, lambda name: tuple(qr[b, i, spec.column(name)]),
+      lambda name: tuple(kr[b, j, spec.column(name)]), j * 8))
+      for j in range(kr.shape[1])] for i in range(qr.shape[1])] for b in range(qr.shape[0])])
+  for over_keys, table in ((True, live), (False, np.swapaxes(live, 1, 2))):
+    windows = np.asarray(masking.live_windows(spec, q_ranges, k_ranges, 8, over_keys))
+    for b in range(table.shape[0]):
+      for outer in range(table.shape[1]):
+        first, last = windows[b, outer]
+        live_inner = np.flatnonzero(table[b, outer])
+        if live_inner.size:
+          assert (first, last) == (live_inner.min(), live_inner.max())
+        else:
+          assert (first, last) == (0, 0)

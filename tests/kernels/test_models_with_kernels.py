@@ -16,6 +16,8 @@ from mmjax.models.flamingo import Flamingo
 from tests.kernels.cases import rel_err
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# Several test processes (pytest-xdist, other suites) may each load libtpu to compile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def _inputs(config, batch=2, length=16, images=2):

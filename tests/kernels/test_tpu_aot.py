@@ -20,6 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from mmjax.kernels.attention import attention  # noqa: E402
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# Several test processes (pytest-xdist, other suites) may each load libtpu to compile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def _mesh(topology: str) -> jax.sharding.Mesh:

@@ -170,3 +170,37 @@ def pad_axis(x: jax.Array | None, axis: int, length: int) -> jax.Array | None:
   widths[axis] = (0, length - x.shape[axis])
   mode = "edge" if jnp.issubdtype(x.dtype, jnp.integer) else "constant"
   return jnp.pad(x, widths, mode=mode)
+
+
+def live_windows(spec: MaskSpec, query_ranges, key_ranges, block_kv: int,
+                 over_keys: bool = True) -> jax.Array:
+  """Int32[B, n_outer, 2]: per outer tile, the first and last inner tile that is live.
+
+  With ``over_keys`` the outer tiles are query tiles and the inner ones key tiles (the
+  forward and dQ kernels), else the reverse (the dK/dV kernel). ``query_ranges`` and
+  ``key_ranges`` are :func:`tile_ranges` ([B, n, C, 2]; None when there are no ids).
+  Tiles outside the window are dead, so a kernel may clamp its block index into it: a
+  repeated block index is not fetched again, which saves the DMA of dead tiles. A window
+  with no live tile is (0, 0).
+  """
+  nq = query_ranges.shape[1]
+  nk = key_ranges.shape[1]
+  key_start = (jnp.arange(nk, dtype=jnp.int32) * block_kv)[None, None, :]
+  live = tile_live(
+      spec,
+      lambda name: (query_ranges[:, :, spec.column(name), 0][:, :, None],
+                    query_ranges[:, :, spec.column(name), 1][:, :, None]),
+      lambda name: (key_ranges[:, :, spec.column(name), 0][:, None, :],
+                    key_ranges[:, :, spec.column(name), 1][:, None, :]),
+      key_start)
+  b = query_ranges.shape[0]
+  live = jnp.broadcast_to(live, (b, nq, nk))
+  if not over_keys:
+    live = jnp.swapaxes(live, 1, 2)
+  n_inner = live.shape[2]
+  any_live = live.any(axis=2)
+  first = jnp.argmax(live, axis=2).astype(jnp.int32)
+  last = (n_inner - 1 - jnp.argmax(live[:, :, ::-1], axis=2)).astype(jnp.int32)
+  first = jnp.where(any_live, first, 0)
+  last = jnp.where(any_live, last, 0)
+  return jnp.stack([first, last], axis=-1)

@@ -52,6 +52,28 @@ def _ranges_1d(ids, block, axis):
   return masking.tile_ranges(ids, block, axis).reshape(-1)
 
 
+def _windows_1d(cfg: _Config, query_ids, key_ids, block_q, block_kv, over_keys, b, n_outer,
+                n_inner):
+  """Int32[B * n_outer * 2]: each outer tile's window of live inner tiles, flat for SMEM."""
+  if query_ids is None:
+    last = n_inner - 1
+    if over_keys and cfg.spec.key_length is not None:
+      last = (cfg.spec.key_length - 1) // block_kv
+    window = jnp.asarray([0, last], jnp.int32)
+    return jnp.broadcast_to(window, (b, n_outer, 2)).reshape(-1)
+  windows = masking.live_windows(cfg.spec, masking.tile_ranges(query_ids, block_q, 1),
+                                 masking.tile_ranges(key_ids, block_kv, 2), block_kv,
+                                 over_keys=over_keys)
+  return windows.reshape(-1)
+
+
+def _clamp(windows_ref, b, outer, n_outer, inner):
+  """``inner`` clamped into the live window of tile ``outer`` of batch ``b``: outside the
+  window every step maps to the same block, which the pipeline does not fetch again."""
+  at = (b * n_outer + outer) * 2
+  return jnp.minimum(jnp.maximum(inner, windows_ref[at]), windows_ref[at + 1])
+
+
 def _live(cfg: _Config, q_ranges_ref, k_ranges_ref, b, i, j, num_q_tiles, num_k_tiles,
           block_kv):
   """Scalar bool: may tile (query tile i, key tile j) of batch b hold an allowed pair?"""
@@ -93,7 +115,7 @@ def _when(condition):
   return pl.when(condition)
 
 
-def _forward_kernel(q_ranges_ref, k_ranges_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
+def _forward_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
   if cfg.spec.columns:
     q_ids_ref, k_ids_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch = refs
   else:
@@ -160,8 +182,10 @@ def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
   q_ranges = _ranges_1d(query_ids, cfg.block_q, 1)
   k_ranges = _ranges_1d(key_ids, cfg.block_kv, 2)
 
+  nq, nk = grid[2], grid[3]
+  windows = _windows_1d(cfg, query_ids, key_ids, cfg.block_q, cfg.block_kv, True, b, nq, nk)
   q_map = lambda b_, h_, i, j, *_: (b_, h_, i, 0)
-  kv_map = lambda b_, h_, i, j, *_: (b_, h_ // rep, j, 0)
+  kv_map = lambda b_, h_, i, j, qr, kr, w: (b_, h_ // rep, _clamp(w, b_, i, nq, j), 0)
   in_specs = [
       pl.BlockSpec((None, None, cfg.block_q, d), q_map),
       pl.BlockSpec((None, None, cfg.block_kv, d), kv_map),
@@ -171,12 +195,12 @@ def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
   if cfg.spec.columns:
     in_specs += _id_specs(cfg, cfg.block_q, cfg.block_kv,
                           lambda b_, h_, i, j, *_: (b_, i, 0),
-                          lambda b_, h_, i, j, *_: (b_, 0, j))
+                          lambda b_, h_, i, j, qr, kr, w: (b_, 0, _clamp(w, b_, i, nq, j)))
     args += [query_ids, key_ids]
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
+          num_scalar_prefetch=3,
           grid=grid,
           in_specs=in_specs,
           out_specs=[
@@ -197,7 +221,7 @@ def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret_params(cfg.interpret),
       name="mmjax_flash_forward",
-  )(q_ranges, k_ranges, *args)
+  )(q_ranges, k_ranges, windows, *args)
   return out, lse
 
 
@@ -211,7 +235,7 @@ def _probabilities(cfg, q, k, lse, q_ids_ref, k_ids_ref, key_start, block_q, blo
   return probs
 
 
-def _dkv_kernel(q_ranges_ref, k_ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+def _dkv_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                 *refs, cfg: _Config):
   if cfg.spec.columns:
     q_ids_ref, k_ids_ref, dk_ref, dv_ref, dk_scratch, dv_scratch = refs
@@ -247,7 +271,7 @@ def _dkv_kernel(q_ranges_ref, k_ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ranges_ref, k_ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+def _dq_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                *refs, cfg: _Config):
   if cfg.spec.columns:
     q_ids_ref, k_ids_ref, dq_ref, dq_scratch = refs
@@ -295,7 +319,9 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
 
   # dK, dV: one key tile of one kv head accumulates over its R query heads and all
   # query tiles (the two innermost, sequential grid axes).
-  q_map = lambda b_, g_, j, r, i, *_: (b_, g_ * rep + r, i, 0)
+  nq, nk = t // block_q, s // block_kv
+  windows = _windows_1d(cfg, query_ids, key_ids, block_q, block_kv, False, b, nk, nq)
+  q_map = lambda b_, g_, j, r, i, qr, kr, w: (b_, g_ * rep + r, _clamp(w, b_, j, nk, i), 0)
   kv_map = lambda b_, g_, j, r, i, *_: (b_, g_, j, 0)
   in_specs = [
       pl.BlockSpec((None, None, block_q, d), q_map),
@@ -307,13 +333,13 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   ]
   if cfg.spec.columns:
     in_specs += _id_specs(cfg, block_q, block_kv,
-                          lambda b_, g_, j, r, i, *_: (b_, i, 0),
+                          lambda b_, g_, j, r, i, qr, kr, w: (b_, _clamp(w, b_, j, nk, i), 0),
                           lambda b_, g_, j, r, i, *_: (b_, 0, j))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
-          grid=(b, g, s // block_kv, rep, t // block_q),
+          num_scalar_prefetch=3,
+          grid=(b, g, nk, rep, nq),
           in_specs=in_specs,
           out_specs=[pl.BlockSpec((None, None, block_kv, d), kv_map),
                      pl.BlockSpec((None, None, block_kv, d), kv_map)],
@@ -326,11 +352,12 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
           "parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       interpret=_interpret_params(cfg.interpret),
       name="mmjax_flash_dkv",
-  )(q_ranges, k_ranges, *args)
+  )(q_ranges, k_ranges, windows, *args)
 
   # dQ: one query tile accumulates over all key tiles.
+  windows = _windows_1d(cfg, query_ids, key_ids, block_q, block_kv, True, b, nq, nk)
   q_map = lambda b_, h_, i, j, *_: (b_, h_, i, 0)
-  kv_map = lambda b_, h_, i, j, *_: (b_, h_ // rep, j, 0)
+  kv_map = lambda b_, h_, i, j, qr, kr, w: (b_, h_ // rep, _clamp(w, b_, i, nq, j), 0)
   in_specs = [
       pl.BlockSpec((None, None, block_q, d), q_map),
       pl.BlockSpec((None, None, block_kv, d), kv_map),
@@ -342,12 +369,12 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   if cfg.spec.columns:
     in_specs += _id_specs(cfg, block_q, block_kv,
                           lambda b_, h_, i, j, *_: (b_, i, 0),
-                          lambda b_, h_, i, j, *_: (b_, 0, j))
+                          lambda b_, h_, i, j, qr, kr, w: (b_, 0, _clamp(w, b_, i, nq, j)))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
-          grid=(b, h, t // block_q, s // block_kv),
+          num_scalar_prefetch=3,
+          grid=(b, h, nq, nk),
           in_specs=in_specs,
           out_specs=pl.BlockSpec((None, None, block_q, d), q_map),
           scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)],
@@ -357,7 +384,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
           "parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret_params(cfg.interpret),
       name="mmjax_flash_dq",
-  )(q_ranges, k_ranges, *args)
+  )(q_ranges, k_ranges, windows, *args)
   return dq, dk, dv
 
 
