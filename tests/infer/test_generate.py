@@ -72,14 +72,16 @@ def test_prefill_and_decode_compile_once_per_bucket_however_many_tokens_are_gene
   for max_new in (2, 5, 11):  # prompt bucket 16, cache bucket 32 every time
     gen.generate(params, images, ids, max_new, prompt_lengths=lengths, image_mask=image_mask)
   assert gen.trace_counts == {"prefill": 1, "decode": 1}
-  assert gen.prefill_step._cache_size() == 1 and gen.decode_step._cache_size() == 1
+  if hasattr(gen.decode_step, "_cache_size"):  # jax's own count of compiled executables
+    assert gen.prefill_step._cache_size() == 1 and gen.decode_step._cache_size() == 1
 
   long_ids = np.concatenate([ids, np.full((2, 12), 7, np.int32)], axis=1)  # 21 -> bucket 32
   for max_new in (12, 20):  # totals 33 and 41: cache bucket 64 both times
     gen.generate(params, images, long_ids, max_new, prompt_lengths=lengths + 12,
                  image_mask=image_mask)
   assert gen.trace_counts == {"prefill": 2, "decode": 2}
-  assert gen.prefill_step._cache_size() == 2 and gen.decode_step._cache_size() == 2
+  if hasattr(gen.decode_step, "_cache_size"):
+    assert gen.prefill_step._cache_size() == 2 and gen.decode_step._cache_size() == 2
 
 
 def test_generation_stops_each_example_at_eos_and_pads_after_it(params):
