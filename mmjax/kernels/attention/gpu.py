@@ -5,7 +5,8 @@ heads (R = H // G), K head dim, C id columns.
 
 Same semantics as ``tpu.py`` and ``reference.py``: the mask is rebuilt per tile from
 integer ids, tiles with no allowed pair are skipped (decided from the min/max of the
-ids of the two tiles, computed in-kernel), softmax statistics are float32 and a query
+ids of the two tiles, computed in-kernel; each program loops only over the window of
+tiles that may be live, from ``masking.live_windows``), softmax statistics are float32 and a query
 row with no allowed key outputs zeros. The kernels read [B, T, H, K] directly (no
 transposes): a program owns one query tile of one head and loops over key tiles.
 
@@ -92,12 +93,11 @@ def _maybe(live, compute, carry):
   return jax.lax.cond(live, compute, lambda c: c, carry)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
+def _forward_kernel(window_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
   c = len(cfg.spec.columns)
   q_cols, k_cols = _columns(refs[:2 * c], cfg)
   o_ref, lse_ref = refs[2 * c:]
   block_q, block_kv = cfg.block_q, cfg.block_kv
-  num_k_tiles = k_ref.shape[0] // block_kv
   q = q_ref[...]
   d = q.shape[-1]
 
@@ -129,7 +129,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
   init = (jnp.zeros((block_q, d), jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
-  acc, m, total = jax.lax.fori_loop(0, num_k_tiles, body, init)
+  # Only the window of key tiles that may be live (causal: up to the diagonal).
+  acc, m, total = jax.lax.fori_loop(window_ref[0], window_ref[1] + 1, body, init)
   seen = total > 0.0
   safe_total = jnp.where(seen, total, 1.0)
   o_ref[...] = (acc / safe_total[:, None]).astype(o_ref.dtype)
@@ -150,7 +151,10 @@ def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
   s, g = k.shape[1], k.shape[2]
   rep = h // g
   q_id_cols, k_id_cols = _id_inputs(cfg, query_ids, key_ids)
+  windows = masking.windows_for(cfg.spec, query_ids, key_ids, cfg.block_q, cfg.block_kv,
+                                True, b, t // cfg.block_q, s // cfg.block_kv).reshape(b, -1)
   in_specs = [
+      pl.BlockSpec((None, 2), lambda b_, h_, i: (b_, i)),
       pl.BlockSpec((None, cfg.block_q, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
       pl.BlockSpec((None, s, None, d), lambda b_, h_, i: (b_, 0, h_ // rep, 0)),
       pl.BlockSpec((None, s, None, d), lambda b_, h_, i: (b_, 0, h_ // rep, 0)),
@@ -170,7 +174,7 @@ def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
       compiler_params=None if cfg.interpret else _compiler_params(4 if d <= 64 else 8, 2),
       interpret=cfg.interpret,
       name="mmjax_flash_forward",
-  )(q, k, v, *q_id_cols, *k_id_cols)
+  )(windows, q, k, v, *q_id_cols, *k_id_cols)
 
 
 def _probabilities(cfg, q, k, lse, mask):
@@ -182,12 +186,12 @@ def _probabilities(cfg, q, k, lse, mask):
   return probs
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
+def _dkv_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                cfg: _Config):
   c = len(cfg.spec.columns)
   q_cols, k_cols = _columns(refs[:2 * c], cfg)
   dk_ref, dv_ref = refs[2 * c:]
   block_q, block_kv = cfg.block_q_bwd, cfg.block_kv_bwd
-  num_q_tiles = q_ref.shape[0] // block_q
   key_start = pl.program_id(2) * block_kv
   k, v = k_ref[...], v_ref[...]
   d = k.shape[-1]
@@ -212,17 +216,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Co
     return _maybe(live, compute, carry)
 
   zeros = jnp.zeros((block_kv, d), jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, num_q_tiles, body, (zeros, zeros))
+  dk, dv = jax.lax.fori_loop(window_ref[0], window_ref[1] + 1, body, (zeros, zeros))
   dk_ref[...] = dk * cfg.scale
   dv_ref[...] = dv
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
+def _dq_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+               cfg: _Config):
   c = len(cfg.spec.columns)
   q_cols, k_cols = _columns(refs[:2 * c], cfg)
   (dq_ref,) = refs[2 * c:]
   block_q, block_kv = cfg.block_q_bwd, cfg.block_kv_bwd
-  num_k_tiles = k_ref.shape[0] // block_kv
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
   def body(j, dq):
@@ -241,7 +245,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Con
 
     return _maybe(live, compute, dq)
 
-  dq = jax.lax.fori_loop(0, num_k_tiles, body, jnp.zeros(q.shape, jnp.float32))
+  dq = jax.lax.fori_loop(window_ref[0], window_ref[1] + 1, body,
+                         jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -259,7 +264,11 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   full_q = pl.BlockSpec((None, t, None, d), lambda b_, h_, j: (b_, 0, h_, 0))
   full_row = pl.BlockSpec((None, None, t), lambda b_, h_, j: (b_, h_, 0))
   kv_tile = pl.BlockSpec((None, block_kv, None, d), lambda b_, h_, j: (b_, j, h_ // rep, 0))
-  in_specs = [full_q, kv_tile, kv_tile, full_q, full_row, full_row]
+  nq, nk = t // block_q, s // block_kv
+  dkv_windows = masking.windows_for(cfg.spec, query_ids, key_ids, block_q, block_kv, False,
+                                    b, nk, nq).reshape(b, -1)
+  in_specs = [pl.BlockSpec((None, 2), lambda b_, h_, j: (b_, j)),
+              full_q, kv_tile, kv_tile, full_q, full_row, full_row]
   in_specs += [pl.BlockSpec((None, t), lambda b_, h_, j: (b_, 0))] * len(q_id_cols)
   in_specs += [pl.BlockSpec((None, block_kv), lambda b_, h_, j: (b_, j))] * len(k_id_cols)
   per_head = pl.BlockSpec((None, block_kv, None, d), lambda b_, h_, j: (b_, j, h_, 0))
@@ -272,7 +281,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
       compiler_params=params,
       interpret=cfg.interpret,
       name="mmjax_flash_dkv",
-  )(q, k, v, dout, lse, delta, *q_id_cols, *k_id_cols)
+  )(dkv_windows, q, k, v, dout, lse, delta, *q_id_cols, *k_id_cols)
   dk = dk.reshape(b, s, g, rep, d).sum(axis=3).astype(k.dtype)
   dv = dv.reshape(b, s, g, rep, d).sum(axis=3).astype(v.dtype)
 
@@ -280,7 +289,10 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   q_tile = pl.BlockSpec((None, block_q, None, d), lambda b_, h_, i: (b_, i, h_, 0))
   row_tile = pl.BlockSpec((None, None, block_q), lambda b_, h_, i: (b_, h_, i))
   full_kv = pl.BlockSpec((None, s, None, d), lambda b_, h_, i: (b_, 0, h_ // rep, 0))
-  in_specs = [q_tile, full_kv, full_kv, q_tile, row_tile, row_tile]
+  dq_windows = masking.windows_for(cfg.spec, query_ids, key_ids, block_q, block_kv, True,
+                                   b, nq, nk).reshape(b, -1)
+  in_specs = [pl.BlockSpec((None, 2), lambda b_, h_, i: (b_, i)),
+              q_tile, full_kv, full_kv, q_tile, row_tile, row_tile]
   in_specs += [pl.BlockSpec((None, block_q), lambda b_, h_, i: (b_, i))] * len(q_id_cols)
   in_specs += [pl.BlockSpec((None, s), lambda b_, h_, i: (b_, 0))] * len(k_id_cols)
   dq = pl.pallas_call(
@@ -292,7 +304,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
       compiler_params=params,
       interpret=cfg.interpret,
       name="mmjax_flash_dq",
-  )(q, k, v, dout, lse, delta, *q_id_cols, *k_id_cols)
+  )(dq_windows, q, k, v, dout, lse, delta, *q_id_cols, *k_id_cols)
   return dq, dk, dv
 
 

@@ -204,3 +204,16 @@ def live_windows(spec: MaskSpec, query_ranges, key_ranges, block_kv: int,
   first = jnp.where(any_live, first, 0)
   last = jnp.where(any_live, last, 0)
   return jnp.stack([first, last], axis=-1)
+
+
+def windows_for(spec: MaskSpec, query_ids, key_ids, block_q: int, block_kv: int,
+                over_keys: bool, batch: int, n_outer: int, n_inner: int) -> jax.Array:
+  """Int32[B, n_outer, 2]: :func:`live_windows` from the stacked ids (or, with no ids,
+  every inner tile up to the last unpadded key)."""
+  if query_ids is None:
+    last = n_inner - 1
+    if over_keys and spec.key_length is not None:
+      last = (spec.key_length - 1) // block_kv
+    return jnp.broadcast_to(jnp.asarray([0, last], jnp.int32), (batch, n_outer, 2))
+  return live_windows(spec, tile_ranges(query_ids, block_q, 1),
+                      tile_ranges(key_ids, block_kv, 2), block_kv, over_keys=over_keys)

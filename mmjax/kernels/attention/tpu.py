@@ -55,16 +55,8 @@ def _ranges_1d(ids, block, axis):
 def _windows_1d(cfg: _Config, query_ids, key_ids, block_q, block_kv, over_keys, b, n_outer,
                 n_inner):
   """Int32[B * n_outer * 2]: each outer tile's window of live inner tiles, flat for SMEM."""
-  if query_ids is None:
-    last = n_inner - 1
-    if over_keys and cfg.spec.key_length is not None:
-      last = (cfg.spec.key_length - 1) // block_kv
-    window = jnp.asarray([0, last], jnp.int32)
-    return jnp.broadcast_to(window, (b, n_outer, 2)).reshape(-1)
-  windows = masking.live_windows(cfg.spec, masking.tile_ranges(query_ids, block_q, 1),
-                                 masking.tile_ranges(key_ids, block_kv, 2), block_kv,
-                                 over_keys=over_keys)
-  return windows.reshape(-1)
+  return masking.windows_for(cfg.spec, query_ids, key_ids, block_q, block_kv, over_keys, b,
+                             n_outer, n_inner).reshape(-1)
 
 
 def _clamp(windows_ref, b, outer, n_outer, inner):
