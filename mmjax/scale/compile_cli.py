@@ -1,0 +1,115 @@
+"""`mmjax compile`: the train step compiled ahead of time for a TPU topology, on this host.
+
+  mmjax compile --config configs/flamingo/tiny.py --topology v5e:2x2
+  mmjax compile --config configs/flamingo/tiny.py --preset openflamingo-9b --topology v5p:2x2x2 \
+      --trainable resampler,xattn --batch 8 --length 512 --mesh fsdp=-1 --rules fsdp
+  mmjax compile ... --sweep     # every candidate mesh x rule set; a table
+  mmjax compile ... --slices 2  # multislice: dcn axis across 2 slices of the topology
+
+Prints per chip: parameter, optimizer-state and temporary bytes, the total against the
+chip's HBM, whether it fits, and the step's FLOPs (XLA's cost analysis). Needs libtpu
+(`pip install 'mmjax[tpu]'`); no TPU is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,fsdp=-1' -> {'data': 2, 'fsdp': -1}."""
+  out = {}
+  for part in filter(None, text.split(",")):
+    if "=" not in part:
+      raise ValueError(f"mesh part {part!r} should look like axis=size (e.g. fsdp=-1)")
+    axis, size = part.split("=", 1)
+    if axis not in ("data", "fsdp", "tensor"):
+      raise ValueError(f"mesh axis {axis!r} is not one of data, fsdp, tensor")
+    out[axis] = int(size)
+  return out
+
+
+def sweep_candidates(chips_per_slice: int) -> list[tuple[dict, str, str | None]]:
+  """Mesh x rule-set candidates: DP, FSDP, FSDP + frozen towers, FSDP + TP (2, 4)."""
+  out = [({"data": -1}, "data_parallel", None), ({"fsdp": -1}, "fsdp", None),
+         ({"fsdp": -1}, "fsdp", "frozen_towers")]
+  for tp in (2, 4):
+    if chips_per_slice % tp == 0 and chips_per_slice > tp:
+      out.append(({"fsdp": -1, "tensor": tp}, "fsdp_tensor", "frozen_towers"))
+  return out
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="mmjax compile", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="experiment config (configs/...py)")
+  parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x2, v5p:2x2x2, v6e:4x4")
+  parser.add_argument("--slices", type=int, default=1, help="slices of that topology (multislice)")
+  parser.add_argument("--preset", default=None, help="replace config.model by this zoo preset")
+  parser.add_argument("--mesh", default="fsdp=-1", help="data=..,fsdp=..,tensor=.. (one may be -1)")
+  parser.add_argument("--rules", default="fsdp", help="rule set of trainable weights")
+  parser.add_argument("--frozen-rules", default=None, help="rule set of frozen weights (default: --rules)")
+  parser.add_argument("--trainable", default=None,
+                      help="components trained (default: the config's first freeze stage)")
+  parser.add_argument("--batch", type=int, default=None, help="global batch (default config.data.batch_size)")
+  parser.add_argument("--length", type=int, default=None, help="text length (default config.data.text_length)")
+  parser.add_argument("--num-images", type=int, default=None, help="images per example (default config.data)")
+  parser.add_argument("--dtype", default=None, help="compute dtype (default: the config's; bfloat16 on TPU)")
+  parser.add_argument("--remat", default=None, help="config.train.remat: none, layers, full, dots")
+  parser.add_argument("--sweep", action="store_true", help="try every candidate mesh x rule set")
+  parser.add_argument("--json", default=None, help="append each result as a JSON line to this file")
+  args = parser.parse_args(argv)
+
+  import dataclasses as _dc
+  from mmjax.scale import aot
+  from mmjax.train import config as config_lib, optimizer
+  try:
+    config = config_lib.load_config(args.config)
+    with config.unlocked():
+      if args.preset:
+        from mmjax import zoo
+        config.model = _dc.asdict(zoo.get(args.preset))
+      if args.dtype:
+        config.mixed_precision.compute_dtype = args.dtype
+      if args.remat:
+        config.train.remat = args.remat
+    trainable = (frozenset(t for t in args.trainable.split(",") if t) if args.trainable
+                 else optimizer.parse_stages(str(config.freeze.stages))[0].trainable)
+    batch = args.batch or int(config.data.batch_size)
+    length = args.length or int(config.data.text_length)
+    num_images = args.num_images or int(config.data.num_images)
+    chips = len(aot.topology_devices(args.topology, args.slices))
+    per_slice = chips // args.slices
+    candidates = (sweep_candidates(per_slice) if args.sweep
+                  else [(parse_mesh(args.mesh), args.rules, args.frozen_rules)])
+  except ValueError as e:
+    print(f"mmjax compile: {e}", file=sys.stderr)
+    return 2
+
+  model = args.preset or os.path.basename(args.config)
+  print(f"{model}: batch {batch}, text length {length}, {num_images} image(s)/example, "
+        f"trainable {','.join(sorted(trainable))}, compute {config.mixed_precision.compute_dtype}, "
+        f"remat {config.train.remat}")
+  print(aot.HEADER)
+  code = 0
+  for mesh, rules, frozen_rules in candidates:
+    try:
+      fit = aot.compile_step(config, topology=args.topology, mesh=mesh, rules=rules, trainable=trainable,
+                             batch=batch, length=length, num_images=num_images, slices=args.slices,
+                             frozen_rules=frozen_rules)
+    except Exception as e:  # one candidate failing (an indivisible batch, OOM at compile) is a row
+      print(f"{args.topology:<12}{args.slices:>3}{chips:>6}  {str(mesh):<24}{rules}: failed: "
+            f"{str(e).splitlines()[0][:160]}")
+      code = 1
+      continue
+    print(fit.row(), flush=True)
+    if args.json:
+      with open(args.json, "a") as f:
+        f.write(json.dumps({"model": model, **dataclasses.asdict(fit), "fits": fit.fits}) + "\n")
+  return code if not args.sweep else 0
