@@ -9,6 +9,6 @@
 
 from mmjax.infer import prompt
 from mmjax.infer.generate import GenerateOutput, Generator, generate
-from mmjax.infer.sampling import Sampling, sample
+from mmjax.infer.sampling import Sampling, sample, sample_with
 
-__all__ = ["GenerateOutput", "Generator", "Sampling", "generate", "prompt", "sample"]
+__all__ = ["GenerateOutput", "Generator", "Sampling", "generate", "prompt", "sample", "sample_with"]

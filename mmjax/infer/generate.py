@@ -9,13 +9,16 @@ How a call runs (``Generator.generate``):
 1. The prompt is right-padded to a *prompt bucket* Tb (the smallest of
    ``prompt_buckets`` >= the longest prompt) and the cache gets a *length bucket* S (the
    smallest of ``length_buckets`` >= max(Tb, longest prompt + max_new_tokens)).
-2. Prefill (one jitted function per (B, N, Tb, S)): images -> latents -> every
-   cross-attention layer's media keys/values (kept for the whole generation), the prompt
-   through the decoder writing the cache, and the first new token from the logits at each
-   example's last prompt token.
-3. Decode (one jitted function per (B, N, S), however many tokens): one token per example
+2. Prefill (compiled once per (B, N, Tb, S)): images -> latents -> every cross-attention
+   layer's media keys/values (kept for the whole generation), the prompt through the
+   decoder writing the cache, and the first new token from the logits at each example's
+   last prompt token.
+3. Decode (compiled once per (B, N, S), however many tokens): one token per example
    at position ``prompt_length + step``, attending to the cache causally by position, so
    the padding the prefill wrote beyond a prompt is never seen (it is overwritten first).
+
+The sampling method and its settings are traced inputs, so they cause no recompilation;
+``eos_token_id`` is checked on the host between steps.
 
 Generated tokens attend to the last image of their prompt (their ``image_index`` is the
 prompt's image count, as OpenFlamingo's cached-media generation does); the ``<image>``
@@ -34,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.infer.sampling import Sampling, as_sampling, sample
+from mmjax.infer.sampling import Sampling, as_sampling, knobs, sample_with
 from mmjax.models.decoder import init_decoder_cache
 from mmjax.models.flamingo import Flamingo, FlamingoConfig, image_index_from_ids, validate_inputs
 
@@ -75,8 +78,9 @@ class Generator:
     self.prompt_buckets = tuple(sorted(prompt_buckets))
     self.length_buckets = tuple(sorted(length_buckets))
     self.trace_counts: collections.Counter[str] = collections.Counter()
-    self.prefill_step = jax.jit(self._prefill, static_argnames=("sampling",))
-    self.decode_step = jax.jit(self._decode, static_argnames=("sampling",), donate_argnames=("cache",))
+    # Sampling settings are traced inputs: one compilation serves every method.
+    self.prefill_step = jax.jit(self._prefill)
+    self.decode_step = jax.jit(self._decode, donate_argnames=("cache",))
 
   def _mask_media_token(self, logits: jax.Array) -> jax.Array:
     """Logits [B, V] with <image> impossible (no image could follow it)."""
@@ -84,7 +88,7 @@ class Generator:
     is_media = jnp.arange(v, dtype=jnp.int32) == jnp.int32(self.config.media_token_id)
     return jnp.where(is_media[None, :], -jnp.inf, logits)
 
-  def _prefill(self, params, images, prompt_ids, prompt_lengths, cache, rng, sampling: Sampling):
+  def _prefill(self, params, images, prompt_ids, prompt_lengths, cache, rng, knob):
     self.trace_counts["prefill"] += 1  # runs only while tracing
     b, t = prompt_ids.shape
     media_kv = self.model.apply(params, images, method=Flamingo.compute_media_kv)
@@ -96,15 +100,15 @@ class Generator:
     last = (prompt_lengths - 1).astype(jnp.int32)
     rows = jnp.arange(b)
     next_logits = self._mask_media_token(logits[rows, last])
-    token = sample(next_logits, rng, sampling)
+    token = sample_with(next_logits, rng, knob)
     return token, cache, media_kv, image_index[rows, last]
 
-  def _decode(self, params, token, position, image_index, media_kv, cache, rng, sampling: Sampling):
+  def _decode(self, params, token, position, image_index, media_kv, cache, rng, knob):
     self.trace_counts["decode"] += 1  # runs only while tracing
     logits, cache = self.model.apply(
         params, token[:, None], image_index=image_index[:, None], media_kv=media_kv,
         positions=position[:, None], cache=cache, method=Flamingo.decode)
-    return sample(self._mask_media_token(logits[:, 0]), rng, sampling), cache
+    return sample_with(self._mask_media_token(logits[:, 0]), rng, knob), cache
 
   def generate(
       self,
@@ -173,10 +177,10 @@ class Generator:
     params = params if "params" in params else {"params": params}
     cache = init_decoder_cache(self.config.decoder, b, cache_len)
 
+    knob = knobs(sampling)
     rng, step_rng = jax.random.split(rng)
     token, cache, media_kv, image_index = self.prefill_step(
-        params, images, jnp.asarray(padded), jnp.asarray(lengths), cache, step_rng,
-        sampling=sampling)
+        params, images, jnp.asarray(padded), jnp.asarray(lengths), cache, step_rng, knob)
     out = np.full((b, max_new_tokens), pad_id, np.int32)
     done = np.zeros((b,), bool)
     gen_lengths = np.zeros((b,), np.int32)
@@ -191,7 +195,7 @@ class Generator:
         break
       rng, step_rng = jax.random.split(rng)
       token, cache = self.decode_step(
-          params, token, position, image_index, media_kv, cache, step_rng, sampling=sampling)
+          params, token, position, image_index, media_kv, cache, step_rng, knob)
       position = position + 1
     return GenerateOutput(tokens=out, lengths=gen_lengths)
 

@@ -67,10 +67,13 @@ def test_greedy_cached_generation_gives_the_tokens_of_step_by_step_full_forward_
 
 
 def test_prefill_and_decode_compile_once_per_bucket_however_many_tokens_are_generated(params):
+  """And whatever the sampling method: its settings are traced inputs."""
   images, ids, lengths, image_mask = _prompts()
   gen = Generator(CONFIG, prompt_buckets=(16, 32), length_buckets=(32, 64))
-  for max_new in (2, 5, 11):  # prompt bucket 16, cache bucket 32 every time
-    gen.generate(params, images, ids, max_new, prompt_lengths=lengths, image_mask=image_mask)
+  samplings = ["greedy", Sampling("top_k", top_k=3), Sampling("top_p", top_p=0.5, temperature=0.7)]
+  for max_new, sampling in zip((2, 5, 11), samplings):  # prompt bucket 16, cache bucket 32
+    gen.generate(params, images, ids, max_new, sampling=sampling, rng=jax.random.key(0),
+                 prompt_lengths=lengths, image_mask=image_mask)
   assert gen.trace_counts == {"prefill": 1, "decode": 1}
   if hasattr(gen.decode_step, "_cache_size"):  # jax's own count of compiled executables
     assert gen.prefill_step._cache_size() == 1 and gen.decode_step._cache_size() == 1
