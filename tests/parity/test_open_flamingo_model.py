@@ -192,3 +192,20 @@ def test_open_clip_vision_keys_import_and_give_the_same_patch_tokens():
     want = visual(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))[1].numpy()
   got = VisionTransformer(config).apply({"params": params}, jnp.asarray(pixels))[:, 1:]
   assert float(np.max(np.abs(np.asarray(got) - want))) <= 1e-4
+
+
+def test_a_bridge_only_checkpoint_with_separate_vision_and_lm_state_dicts_gives_the_same_params(reference):
+  """Released checkpoint.pt files hold the trained parts only; the towers come from HF files."""
+  model, config = reference
+  sd = model.state_dict()
+  bridge = {k: v for k, v in sd.items()
+            if k.startswith("perceiver.") or k.startswith("lang_encoder.gated_cross_attn_layers.")}
+  vision = {k[len("vision_encoder."):]: v for k, v in sd.items() if k.startswith("vision_encoder.")}
+  lm = {k[len("lang_encoder."):].replace(".decoder_layer.", "."): v for k, v in sd.items()
+        if k.startswith("lang_encoder.") and "gated_cross_attn" not in k
+        and "old_decoder_blocks" not in k}
+  assert "model.layers.0.self_attn.q_proj.weight" in lm
+  split = flamingo_convert.flamingo_from_state_dict(bridge, config, vision_state_dict=vision,
+                                                    lm_state_dict=lm)
+  whole = flamingo_convert.flamingo_from_state_dict(sd, config)
+  jax.tree.map(np.testing.assert_array_equal, split, whole)
