@@ -35,6 +35,12 @@ def get_config(arg=None):
   # (vocab_size, media_token_id and end_of_chunk_token_id come from the data's tokenizer).
   c.model = dataclasses.asdict(zoo.get("flamingo-tiny"))
 
+  # Initial value of every tanh gate (attn_gate, ff_gate). Flamingo uses 0 so that the
+  # frozen LM's behaviour is untouched at the start; from scratch that only delays the
+  # cross-attention's learning, so this recipe starts with the gates open.
+  c.init = ml_collections.ConfigDict()
+  c.init.gate_value = 1.0
+
   # Mixed precision: parameters stay float32; compute_dtype is the models' `dtype`
   # (bfloat16 on TPU/GPU); softmax and loss are float32 always.
   c.mixed_precision = ml_collections.ConfigDict()
@@ -50,7 +56,8 @@ def get_config(arg=None):
   c.data.image_size = 32
   c.data.num_workers = 0
   # Weights of the datasets ("name:weight,..."); empty: mmjax.data.DEFAULT_MIXTURE.
-  c.data.mixture = ""
+  # One image per example here, so the interleaved documents (2-5 images) are left out.
+  c.data.mixture = "qa:1.0,captions:0.3"
   # The ablation: replace every image by black pixels, in training and evaluation.
   c.data.blank_images = False
 

@@ -26,6 +26,10 @@ def run(workdir: str, *, config_path: str, data_dir: str | None, overrides: list
   from mmjax.train import plot
   from mmjax.train import task as task_lib
 
+  import jax
+  # The blanked run compiles exactly the programs of the first one: keep them on disk.
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(workdir, "jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
   t0 = time.time()
   data_dir = os.path.abspath(data_dir or data_lib.default_data_dir())
   print(f"[demo] dataset: {data_dir}", flush=True)

@@ -150,7 +150,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     log.info("resumed from step %d", step)
   else:
     step = 0
-    state = jax.jit(lambda k: state_lib.create(task.init_params(k), txs[0], seed))(init_key)
+    # jit(init_params) alone, so that `jax.jit(task.init_params)(key)` reproduces these
+    # parameters bitwise (fusing init into a bigger program can move the last ulp).
+    state = state_lib.create(jax.jit(task.init_params)(init_key), txs[0], seed)
     opt_stage = 0
   start_step = step
   eval_step = jax.jit(step_lib.make_eval_step(task.apply_fn))

@@ -93,16 +93,25 @@ def parse_mixture(spec: str) -> dict[str, float] | str | None:
 class Model:
   """Flamingo with unboxed float32 parameters: init(key) -> params, apply(params, batch) -> logits."""
 
-  def __init__(self, cfg: flamingo.FlamingoConfig, example: dict):
+  def __init__(self, cfg: flamingo.FlamingoConfig, example: dict, gate_init: float = 0.0):
     self.config = cfg
     self.module = flamingo.Flamingo(cfg)
     self._example = example
+    self.gate_init = float(gate_init)
 
   def init(self, key):
     ex = self._example
     variables = self.module.init(key, jnp.asarray(ex["images"]), jnp.asarray(ex["input_ids"]),
                                  jnp.asarray(ex["image_index"]), jnp.asarray(ex["image_mask"]))
-    return flax.core.meta.unbox(variables["params"])
+    params = flax.core.meta.unbox(variables["params"])
+    if self.gate_init == 0.0:
+      return params  # Flamingo's zero init: the model starts as the LM it was given
+    # From scratch there is no LM to preserve: open gates let gradients reach the
+    # cross-attention from the first step instead of waiting for the gates to grow.
+    def set_gate(path, p):
+      name = getattr(path[-1], "key", None)
+      return jnp.full_like(p, self.gate_init) if name in ("attn_gate", "ff_gate") else p
+    return jax.tree_util.tree_map_with_path(set_gate, params)
 
   def apply(self, params, batch, rng=None):
     del rng  # no dropout in these models
@@ -124,7 +133,7 @@ def example_batch(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokeniz
 def flamingo_task(config: ml_collections.ConfigDict) -> loop.Task:
   tokenizer = load_tokenizer(config)
   cfg = model_config(config, tokenizer)
-  model = Model(cfg, example_batch(config, tokenizer))
+  model = Model(cfg, example_batch(config, tokenizer), float(config.init.gate_value))
   d, bk, bsz = data_dir(config), bucket(config), int(config.data.batch_size)
   mixture = parse_mixture(str(config.data.mixture))
 

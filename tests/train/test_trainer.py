@@ -21,7 +21,7 @@ from tests.train import toy
 
 def _init(config):
   task = toy.task(config)
-  return task, task.init_params(jax.random.key(int(config.seed)))
+  return task, jax.jit(task.init_params)(jax.random.key(int(config.seed)))
 
 
 def test_config_overrides_set_typed_fields_and_reject_unknown_ones():

