@@ -419,3 +419,18 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def from_config(config: Any, devices: "Sequence[Any] | None" = None) -> tuple[Mesh, Rules, Rules | None]:
+  """(mesh, rules, frozen_rules) from an experiment config.
+
+  Reads ``config.mesh`` (``data``, ``fsdp``, ``tensor``, ``slices``; default: FSDP over
+  every device) and ``config.sharding`` (``rules``: a ``RULE_SETS`` name or a list of
+  pairs, default ``'fsdp'``; ``frozen_rules``: the same or empty for ``rules``). Configs
+  without these fields get the defaults, so every config runs on any device count.
+  """
+  mesh_config = dict(config.get("mesh", None) or {"fsdp": -1})
+  sharding = config.get("sharding", None) or {}
+  rules = get_rules(sharding.get("rules", "fsdp") or "fsdp")
+  frozen = sharding.get("frozen_rules", "") or None
+  return make_mesh(mesh_config, devices), rules, (get_rules(frozen) if frozen else None)

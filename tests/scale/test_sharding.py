@@ -100,3 +100,14 @@ def test_batch_shardings_reject_a_batch_the_mesh_does_not_divide():
   mesh = sh.make_mesh({"data": 2, "fsdp": -1})
   with pytest.raises(ValueError, match="multiple of 8"):
     sh.batch_shardings({"x": jax.ShapeDtypeStruct((6, 3), np.float32)}, mesh, sh.FSDP)
+
+
+def test_a_config_without_mesh_fields_gets_fsdp_over_every_device():
+  import ml_collections
+  mesh, rules, frozen = sh.from_config(ml_collections.ConfigDict({"model": {}}))
+  assert dict(mesh.shape) == {"dcn": 1, "data": 1, "fsdp": 8, "tensor": 1}
+  assert rules == sh.FSDP and frozen is None
+  config = ml_collections.ConfigDict({"mesh": {"data": 2, "fsdp": -1, "tensor": 2},
+                                      "sharding": {"rules": "fsdp_tensor", "frozen_rules": "frozen_towers"}})
+  mesh, rules, frozen = sh.from_config(config)
+  assert dict(mesh.shape)["fsdp"] == 2 and rules == sh.FSDP_TENSOR and frozen == sh.FROZEN_TOWERS
