@@ -143,6 +143,50 @@ def _memory_rows(shapes: list[Shape], kernel_backend: str) -> list[dict]:
   return rows
 
 
+def _tpu_memory(rows: list[dict], shapes: list[Shape], topology: str) -> None:
+  """Adds per-chip compiled temporary memory on a TPU topology (libtpu AOT on this host):
+  the batch is split over all chips, so each chip holds ``batch`` examples."""
+  import os
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.experimental import topologies
+  from jax.sharding import NamedSharding, PartitionSpec
+  from mmjax.kernels.attention import attention
+  devices = np.asarray(topologies.get_topology_desc(platform="tpu",
+                                                    topology_name=topology).devices).reshape(-1)
+  mesh = jax.sharding.Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  n = devices.size
+  for row, shape in zip(rows, shapes):
+    big = dataclasses.replace(shape, batch=shape.batch * n, dtype="bfloat16")
+    q, k = _inputs(big)
+    shard = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                           sharding=NamedSharding(mesh, PartitionSpec("data")))
+    q, k = shard(q), shard(k)
+    mask = {name: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=NamedSharding(mesh, PartitionSpec("data")))
+            if hasattr(x, "shape") else x for name, x in _mask_kwargs(big).items()}
+    for name, backend in (("kernel", "pallas_tpu"), ("xla", "xla")):
+      def forward(q, k, v, mask):
+        return attention(q, k, v, **mask, backend=backend, mesh=mesh)
+
+      def loss(q, k, v, mask):
+        return jnp.sum(forward(q, k, v, mask).astype(jnp.float32))
+
+      arrays = {key: value for key, value in mask.items() if hasattr(value, "shape")}
+      static = {key: value for key, value in mask.items() if not hasattr(value, "shape")}
+      for label, fn in (("fwd", forward),
+                        ("fwd_bwd", jax.grad(loss, argnums=(0, 1, 2)))):
+        compiled = jax.jit(lambda q, k, v, arrays, fn=fn: fn(q, k, v, {**arrays, **static})
+                           ).lower(q, k, k, arrays).compile()
+        row[f"tpu_{name}_{label}_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+    print(f"{_shape_label(row):<36} K={row['head_dim']:<4} {topology} per chip bf16: fwd+bwd "
+          f"kernel {_mib(row['tpu_kernel_fwd_bwd_temp_bytes'])} MiB, "
+          f"xla {_mib(row['tpu_xla_fwd_bwd_temp_bytes'])} MiB", flush=True)
+
+
 def _time(fn, args, repeats: int) -> float:
   import jax
   jax.block_until_ready(fn(*args))  # compile and warm up
@@ -222,6 +266,22 @@ def _markdown(meta: dict, rows: list[dict], mode: str) -> str:
           f"{_mib(r['kernel_fwd_temp_bytes'])} | {_mib(r['xla_fwd_temp_bytes'])} | "
           f"{r['fwd_ratio']:,.0f}x | {_mib(r['kernel_fwd_bwd_temp_bytes'])} | "
           f"{_mib(r['xla_fwd_bwd_temp_bytes'])} | {r['fwd_bwd_ratio']:,.0f}x |")
+    if rows and "tpu_kernel_fwd_temp_bytes" in rows[0]:
+      lines += [
+          "",
+          f"Per-chip compiled temporary memory (MiB) on TPU `{meta['tpu topology']}`, "
+          "compiled ahead of time through libtpu on this host (Mosaic lowering of the "
+          "Pallas TPU kernel, bf16, the batch split over the chips so each chip holds "
+          "`batch` examples). A temp of 0 means XLA needed no scratch beyond the outputs.",
+          "",
+          "| shape | K | fwd kernel | fwd XLA | fwd+bwd kernel | fwd+bwd XLA |",
+          "|---|---|---:|---:|---:|---:|",
+      ]
+      for r in rows:
+        lines.append(
+            f"| {_shape_label(r)} | {r['head_dim']} | {_mib(r['tpu_kernel_fwd_temp_bytes'])} | "
+            f"{_mib(r['tpu_xla_fwd_temp_bytes'])} | {_mib(r['tpu_kernel_fwd_bwd_temp_bytes'])} | "
+            f"{_mib(r['tpu_xla_fwd_bwd_temp_bytes'])} |")
   else:
     backends = meta["backends"]
     header = "| shape | K | dtype | " + " | ".join(
@@ -266,6 +326,9 @@ def attention_main(argv: list[str]) -> int:
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--width", type=int, default=1024, help="heads x head_dim")
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--tpu-topology", default="none",
+                      help="on CPU, also compile for this TPU topology (e.g. v5e:2x2, needs "
+                           "libtpu) and report per-chip memory; 'none' to skip")
   parser.add_argument("--out", default="benchmarks/attention",
                       help="results go to OUT.json and OUT.md")
   args = parser.parse_args(argv)
@@ -286,6 +349,9 @@ def attention_main(argv: list[str]) -> int:
   if platform == "cpu":
     mode = "memory"
     rows = _memory_rows(shapes, "pallas_gpu")
+    if args.tpu_topology != "none":
+      meta["tpu topology"] = args.tpu_topology
+      _tpu_memory(rows, shapes, args.tpu_topology)
   else:
     mode = "timing"
     kernel = "pallas_tpu" if platform == "tpu" else "pallas_gpu"

@@ -93,6 +93,25 @@ def _maybe(live, compute, carry):
   return jax.lax.cond(live, compute, lambda c: c, carry)
 
 
+def _window_loop(cfg: _Config, window_ref, num_tiles: int, body, init):
+  """fori_loop of ``body`` over the tiles of the window [first, last] in ``window_ref``.
+
+  On GPU the loop bounds are the window's. In interpret mode the loop runs over all
+  ``num_tiles`` and skips those outside the window (the same tiles): XLA:CPU copies the
+  buffers of a loop with a data-dependent trip count, which would blur the memory that
+  ``mmjax bench attention`` measures.
+  """
+  first, last = window_ref[0], window_ref[1]
+  if not cfg.interpret:
+    return jax.lax.fori_loop(first, last + 1, body, init)
+
+  def guarded(j, carry):
+    inside = jnp.logical_and(j >= first, j <= last)
+    return jax.lax.cond(inside, lambda c: body(j, c), lambda c: c, carry)
+
+  return jax.lax.fori_loop(0, num_tiles, guarded, init)
+
+
 def _forward_kernel(window_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
   c = len(cfg.spec.columns)
   q_cols, k_cols = _columns(refs[:2 * c], cfg)
@@ -130,7 +149,7 @@ def _forward_kernel(window_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
           jnp.full((block_q,), -jnp.inf, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
   # Only the window of key tiles that may be live (causal: up to the diagonal).
-  acc, m, total = jax.lax.fori_loop(window_ref[0], window_ref[1] + 1, body, init)
+  acc, m, total = _window_loop(cfg, window_ref, k_ref.shape[0] // block_kv, body, init)
   seen = total > 0.0
   safe_total = jnp.where(seen, total, 1.0)
   o_ref[...] = (acc / safe_total[:, None]).astype(o_ref.dtype)
@@ -216,7 +235,7 @@ def _dkv_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
     return _maybe(live, compute, carry)
 
   zeros = jnp.zeros((block_kv, d), jnp.float32)
-  dk, dv = jax.lax.fori_loop(window_ref[0], window_ref[1] + 1, body, (zeros, zeros))
+  dk, dv = _window_loop(cfg, window_ref, q_ref.shape[0] // block_q, body, (zeros, zeros))
   dk_ref[...] = dk * cfg.scale
   dv_ref[...] = dv
 
@@ -245,8 +264,8 @@ def _dq_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
 
     return _maybe(live, compute, dq)
 
-  dq = jax.lax.fori_loop(window_ref[0], window_ref[1] + 1, body,
-                         jnp.zeros(q.shape, jnp.float32))
+  dq = _window_loop(cfg, window_ref, k_ref.shape[0] // block_kv, body,
+                    jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
