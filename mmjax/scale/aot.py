@@ -44,8 +44,8 @@ class Fit:
   num_images: int
   param_bytes: int           # parameters on one chip (their shards)
   opt_bytes: int             # optimizer state on one chip
-  temp_bytes: int            # XLA temporaries (activations, gathered weights, gradients)
-  total_bytes: int           # arguments + temporaries + non-aliased outputs
+  temp_bytes: int            # peak minus arguments: activations, gathered weights, gradients
+  total_bytes: int           # XLA's peak: arguments + temporaries + non-aliased outputs
   hbm_bytes: int
   flops_per_chip: float      # XLA's cost analysis of the per-chip program
   compile_s: float
@@ -163,11 +163,15 @@ def compile_step(config: ml_collections.ConfigDict, *, topology: str, mesh: dict
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-           - mem.alias_size_in_bytes)
+  # On TPU the buffer assignment reports its peak (arguments included, donated outputs
+  # aliased) and leaves temp_size at 0; elsewhere add the parts up.
+  live = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+          - mem.alias_size_in_bytes)
+  total = max(int(getattr(mem, "peak_memory_in_bytes", 0) or 0), live)
+  temp = max(int(mem.temp_size_in_bytes), total - int(mem.argument_size_in_bytes))
   name = rules if frozen_rules is None else f"{rules}+{frozen_rules}"
   return Fit(topology=topology, slices=slices, chips=len(devices), mesh=dict(the_mesh.shape), rules=name,
              batch=batch, length=length, num_images=num_images, param_bytes=_shard_bytes(state.params),
-             opt_bytes=_shard_bytes(state.opt_state), temp_bytes=int(mem.temp_size_in_bytes),
+             opt_bytes=_shard_bytes(state.opt_state), temp_bytes=temp,
              total_bytes=int(total), hbm_bytes=HBM_BYTES[generation(topology)],
              flops_per_chip=float(cost.get("flops", 0.0)), compile_s=elapsed)
