@@ -16,6 +16,10 @@ def _data(argv):
 
 
 def _train(argv):
+  # Join a multi-process job (`mmjax launch local|tpu`) before anything touches a device;
+  # a no-op for a single process.
+  from mmjax.scale import distributed
+  distributed.maybe_initialize()
   from mmjax.train import cli
   return cli.train_main(argv)
 
