@@ -34,6 +34,9 @@ def get_config(arg=None):
   # The model: every field of mmjax.models.flamingo.FlamingoConfig, from the zoo preset
   # (vocab_size, media_token_id and end_of_chunk_token_id come from the data's tokenizer).
   c.model = dataclasses.asdict(zoo.get("flamingo-tiny"))
+  # 64 px (the stored resolution) instead of the preset's 32: shapes of 8-12 px are
+  # told apart much sooner, for 10% more compute per step.
+  c.model["vision"]["image_size"] = 64
 
   # Initial value of every tanh gate (attn_gate, ff_gate). Flamingo uses 0 so that the
   # frozen LM's behaviour is untouched at the start; from scratch that only delays the
@@ -53,11 +56,11 @@ def get_config(arg=None):
   c.data.batch_size = 32
   c.data.num_images = 1
   c.data.text_length = 32
-  c.data.image_size = 32
+  c.data.image_size = 64
   c.data.num_workers = 0
   # Weights of the datasets ("name:weight,..."); empty: mmjax.data.DEFAULT_MIXTURE.
   # One image per example here, so the interleaved documents (2-5 images) are left out.
-  c.data.mixture = "qa:1.0,captions:0.3"
+  c.data.mixture = "qa:1.0,captions:1.0"
   # The ablation: replace every image by black pixels, in training and evaluation.
   c.data.blank_images = False
 
@@ -78,7 +81,7 @@ def get_config(arg=None):
   c.schedule.end_lr_fraction = 0.05
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 600
+  c.train.num_steps = 900
   # 'stop': a non-finite loss stops the run naming the step; 'skip': drop that update.
   c.train.nan_policy = "stop"
   # Rematerialisation: 'none'; 'layers' (each decoder layer, in the model); 'full' or
@@ -90,23 +93,28 @@ def get_config(arg=None):
   c.freeze.stages = "0:vision,resampler,xattn,lm"
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 200
+  c.checkpoint.every_steps = 300
   c.checkpoint.keep = 2
   c.checkpoint.keep_best = False
   c.checkpoint.async_save = True
 
   c.eval = ml_collections.ConfigDict()
   # Validation loss every N steps during training (0: only at the end, by `mmjax eval`).
-  c.eval.every_steps = 200
+  c.eval.every_steps = 300
   c.eval.num_batches = 4
   # In-context examples for the few-shot QA accuracy.
   c.eval.few_shot_k = 2
   # Questions scored for the QA accuracy (0: all of the split).
   c.eval.num_questions = 200
   c.eval.max_new_tokens = 4
+  # Caption evaluation prompts `<image>` + this opening (one of the dataset's templates)
+  # and scores the opening + continuation with CIDEr-D.
+  c.eval.caption_prompt = "from left to right:"
 
   c.log = ml_collections.ConfigDict()
   c.log.tensorboard = True
+  # Progress line every N steps when stdout is not a terminal (every step on a terminal).
+  c.log.print_every = 50
   # Peak TFLOP/s per device for MFU; 0: known accelerators only (none on CPU).
   c.log.peak_tflops = 0.0
   return c

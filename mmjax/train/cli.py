@@ -74,6 +74,7 @@ def eval_main(argv: list[str]) -> int:
 
 
 def generate_main(argv: list[str]) -> int:
+  import jax
   import numpy as np
   from PIL import Image
   from mmjax.train import evaluate
@@ -83,6 +84,8 @@ def generate_main(argv: list[str]) -> int:
   p.add_argument("--image", action="append", default=[], help="an image file, one per <image> (repeatable)")
   p.add_argument("--prompt", required=True, help='e.g. "<image>Question: how many shapes are there? Answer:"')
   p.add_argument("--max-new-tokens", type=int, default=16)
+  p.add_argument("--sampling", default="greedy", help="greedy, or a mmjax.infer sampling name (top_p, ...)")
+  p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   try:
     n_tokens = args.prompt.count("<image>")
@@ -93,11 +96,17 @@ def generate_main(argv: list[str]) -> int:
     size = int(config.data.image_size)
     images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC), np.uint8)
                        for f in args.image])
-    gen = evaluate.Generator(task.apply_fn, params, task_lib.load_tokenizer(config))
-    out = gen.generate(images[None], [args.prompt], args.max_new_tokens)[0]
+    tok = task_lib.load_tokenizer(config)
+    ids = np.asarray(tok.encode(args.prompt), np.int32)
+    # The cached generator of mmjax.infer: media K/V once, a KV cache, greedy or sampled.
+    from mmjax.infer import generate
+    out = generate(task_lib.model_config(config, tok), {"params": params}, images[None], ids[None],
+                   args.max_new_tokens, sampling=args.sampling, rng=jax.random.key(args.seed),
+                   eos_token_id=tok.end_of_chunk_id, pad_id=tok.pad_id)
+    text = tok.decode([int(t) for t in np.asarray(out.tokens)[0]])
   except (ValueError, OSError) as e:
     return _fail("mmjax generate", e)
-  print(out.split("<|endofchunk|>")[0].strip())
+  print(text.split("<|endofchunk|>")[0].strip())
   return 0
 
 

@@ -110,7 +110,7 @@ def qa_accuracy(config: ml_collections.ConfigDict, gen: Generator, *, shots: int
 
 def caption_cider(config: ml_collections.ConfigDict, gen: Generator, *, limit: int,
                   max_new_tokens: int = 24) -> float:
-  """CIDEr-D of captions generated after `<image>` on the validation captions split."""
+  """CIDEr-D of captions generated after `<image>` + `eval.caption_prompt` (validation captions split)."""
   d, size = task_lib.data_dir(config), int(config.data.image_size)
   source = data_lib.open_split(d, "captions", "validation")
   count = min(limit or len(source), len(source))
@@ -121,8 +121,12 @@ def caption_cider(config: ml_collections.ConfigDict, gen: Generator, *, limit: i
     refs.append([text.replace(data_lib.IMAGE_TOKEN, "").replace(data_lib.END_OF_CHUNK_TOKEN, "").strip()])
     from mmjax.data.preprocess import decode_image
     images.append(np.stack([decode_image(bytes(b), size) for b in rec["images"]])[:1])
-  outputs = gen.generate(_maybe_blank(config, np.stack(images)), [data_lib.IMAGE_TOKEN] * count, max_new_tokens)
-  cands = [o.split(data_lib.END_OF_CHUNK_TOKEN)[0].strip() for o in outputs]
+  # After a bare `<image>` a model trained on a mixture may start a question instead of a
+  # caption; a caption opening (config.eval.caption_prompt) says which text is wanted.
+  lead = str(config.eval.caption_prompt)
+  outputs = gen.generate(_maybe_blank(config, np.stack(images)), [data_lib.IMAGE_TOKEN + lead] * count,
+                         max_new_tokens)
+  cands = [(lead + o.split(data_lib.END_OF_CHUNK_TOKEN)[0]).strip() for o in outputs]
   return cider_lib.cider_d(cands, refs)[0]
 
 

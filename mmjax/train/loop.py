@@ -140,7 +140,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     return jax.eval_shape(lambda: state_lib.create(task.init_params(init_key), txs[i], seed, step))
 
   ckpt = checkpoint_lib.Checkpointer(workdir, config)
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(config.log.tensorboard), progress_total=num_steps)
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(config.log.tensorboard), progress_total=num_steps,
+                                    print_every=int(config.log.get("print_every", 50)))
   data = task.train_data()
   restored = ckpt.restore_latest(template)
   if restored is not None:

@@ -21,9 +21,10 @@ METRICS_FILE = "metrics.jsonl"
 class MetricWriter:
   """Writes scalars from process 0; other processes hold a writer that does nothing."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, progress_total: int = 0):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, progress_total: int = 0, print_every: int = 50):
     self.active = jax.process_index() == 0
     self.total = progress_total
+    self.print_every = max(int(print_every), 1)
     self.tty = sys.stderr.isatty()
     self._jsonl = None
     self._tb = None
@@ -48,8 +49,8 @@ class MetricWriter:
         self._tb.add_scalar(f"{kind}/{k}", v, step)
 
   def progress(self, step: int, scalars: dict[str, float]):
-    """One status line: rewritten in place on a terminal, printed every call otherwise."""
-    if not self.active:
+    """One status line: rewritten in place on a terminal, printed every `print_every` steps otherwise."""
+    if not self.active or (not self.tty and step % self.print_every and step != self.total - 1):
       return
     keys = [k for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu") if k in scalars]
     body = " ".join(f"{k}={scalars[k]:.4g}" for k in keys)
