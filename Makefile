@@ -14,8 +14,16 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# Build the embedded dataset, train flamingo/tiny on it, print what it learned.
-demo: install
+# What the demo needs and no more (no torch, no libtpu): a fresh clone's first command
+# should spend its minutes training, not downloading.
+$(BIN)/.installed-demo: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $@
+
+# Build the embedded dataset, train flamingo/tiny on it (with and without images), print
+# what it learned.
+demo: $(BIN)/.installed-demo
 	$(BIN)/mmjax demo --workdir $(WORKDIR)
 
 # The default test tier (under 20 minutes on 2 CPU cores).

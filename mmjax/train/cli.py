@@ -22,12 +22,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = os.path.join(ROOT, "configs", "flamingo", "tiny.py")
 
 
+def _quiet_tpu_probe():
+  # libtpu (the `tpu` extra) probes the GCE metadata server and prints warnings on a machine
+  # without TPUs; skip the probe unless TPU device files exist. Must run before jax starts.
+  import glob
+  if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
 def _fail(prog: str, err: Exception) -> int:
   print(f"{prog}: {err}", file=sys.stderr)
   return 2
 
 
 def train_main(argv: list[str]) -> int:
+  _quiet_tpu_probe()
   from mmjax.train import config as config_lib
   from mmjax.train import loop
   from mmjax.train import task as task_lib
@@ -55,6 +64,7 @@ def train_main(argv: list[str]) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
+  _quiet_tpu_probe()
   from mmjax.train import evaluate
   p = argparse.ArgumentParser(prog="mmjax eval", description="validation loss, QA accuracy, CIDEr")
   p.add_argument("--workdir", required=True)
@@ -74,6 +84,7 @@ def eval_main(argv: list[str]) -> int:
 
 
 def generate_main(argv: list[str]) -> int:
+  _quiet_tpu_probe()
   import jax
   import numpy as np
   from PIL import Image
@@ -111,6 +122,7 @@ def generate_main(argv: list[str]) -> int:
 
 
 def plot_main(argv: list[str]) -> int:
+  _quiet_tpu_probe()
   from mmjax.train import plot
   p = argparse.ArgumentParser(prog="mmjax plot", description="loss curves and gate values to a PNG")
   p.add_argument("--workdir", required=True)
@@ -125,6 +137,7 @@ def plot_main(argv: list[str]) -> int:
 
 
 def demo_main(argv: list[str]) -> int:
+  _quiet_tpu_probe()
   from mmjax.train import demo
   p = argparse.ArgumentParser(prog="mmjax demo", description="build data, train flamingo/tiny, show what it learned")
   p.add_argument("--workdir", default="work/flamingo-tiny")
