@@ -109,3 +109,13 @@ def test_a_corrupted_latest_checkpoint_warns_naming_its_step_and_resumes_from_th
   assert os.listdir(tmp_path / "checkpoints_corrupt")[0].startswith("10-")
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps[-1] == 12
+
+
+def test_keep_best_holds_the_step_with_the_lowest_validation_loss(tmp_path):
+  c = toy.config("--config.train.num_steps=9", "--config.eval.every_steps=3", "--config.checkpoint.keep_best=True",
+                 "--config.checkpoint.keep=1")
+  loop.train(c, str(tmp_path), toy.task(c))
+  evals = {r["step"]: r["val_loss"] for r in metrics_lib.read_metrics(str(tmp_path)) if r["kind"] == "eval"}
+  best = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints_best") if d.isdigit())
+  assert best == [min(evals, key=evals.get)]
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [9]
