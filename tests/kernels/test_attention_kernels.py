@@ -91,7 +91,7 @@ def test_force_interpret_runs_pallas_backends_without_an_interpret_argument():
          kv_heads=2),
     Case("flamingo_gqa_all_previous", batch=3, query_length=45, images=4, latents=16, heads=4,
          kv_heads=2, only_attend_immediate_media=False),
-    Case("causal_segments_long", batch=2, query_length=130, key_length=130, heads=4,
+    Case("causal_segments_long", batch=1, query_length=130, key_length=130, heads=2,
          kv_heads=1, causal=True, segments=True, head_dim=32),
     Case("bidirectional_segments", batch=2, query_length=50, key_length=50, heads=2,
          kv_heads=2, segments=True),
