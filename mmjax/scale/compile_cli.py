@@ -5,6 +5,7 @@
       --trainable resampler,xattn --batch 8 --length 512 --mesh fsdp=-1 --rules fsdp
   mmjax compile ... --sweep     # every candidate mesh x rule set; a table
   mmjax compile ... --slices 2  # multislice: dcn axis across 2 slices of the topology
+  mmjax compile --report work/fit_table.jsonl   # the --json lines as a markdown table
 
 Prints per chip: parameter, optimizer-state and temporary bytes, the total against the
 chip's HBM, whether it fits, and the step's FLOPs (XLA's cost analysis). Needs libtpu
@@ -45,7 +46,26 @@ def sweep_candidates(chips_per_slice: int) -> list[tuple[dict, str, str | None]]
   return out
 
 
+def report(path: str) -> str:
+  """A markdown table of the JSON lines `--json` wrote (for the README's fit table)."""
+  from mmjax.scale.aot import human
+  rows = ["| model | topology | chips | mesh (dcn,data,fsdp,tensor) | batch x length | params/chip | opt/chip "
+          "| temp/chip | peak/chip | HBM | fits | TFLOP/chip/step |", "|" + "---|" * 12]
+  with open(path) as f:
+    for line in f:
+      r = json.loads(line)
+      mesh = ",".join(str(r["mesh"][a]) for a in ("dcn", "data", "fsdp", "tensor"))
+      rows.append(f"| {r['model']} | {r['topology']} | {r['chips']} | {mesh} ({r['rules']}) | {r['batch']} x "
+                  f"{r['length']} | {human(r['param_bytes'])} | {human(r['opt_bytes'])} | {human(r['temp_bytes'])} | "
+                  f"{human(r['total_bytes'])} | {human(r['hbm_bytes'])} | {'yes' if r['fits'] else 'no'} | "
+                  f"{r['flops_per_chip'] / 1e12:.2f} |")
+  return "\n".join(rows)
+
+
 def main(argv: list[str]) -> int:
+  if argv[:1] == ["--report"] and len(argv) == 2:  # mmjax compile --report work/fit_table.jsonl
+    print(report(argv[1]))
+    return 0
   parser = argparse.ArgumentParser(prog="mmjax compile", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="experiment config (configs/...py)")
