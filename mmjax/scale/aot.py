@@ -51,15 +51,20 @@ class Fit:
   compile_s: float
 
   @property
-  def fits(self) -> bool:
+  def fits(self) -> bool | None:
+    """None when not compiled (`--no-compile`: only the sharded state was sized)."""
+    if self.total_bytes < 0:
+      return None
     return self.total_bytes <= self.hbm_bytes
 
   def row(self) -> str:
-    gib = lambda b: f"{human(b):>8}"
+    gib = lambda b: f"{human(b) if b >= 0 else '-':>8}"
+    fits = {True: "yes", False: "NO ", None: "-"}[self.fits]
+    tflops = f"{self.flops_per_chip / 1e12:.2f}" if self.flops_per_chip >= 0 else "-"
     mesh = "x".join(str(self.mesh[a]) for a in sh.MESH_AXES)
     return (f"{self.topology:<12}{self.slices:>3}{self.chips:>6}  {mesh:<10}{self.rules:<14}"
             f"{gib(self.param_bytes)}{gib(self.opt_bytes)}{gib(self.temp_bytes)}{gib(self.total_bytes)}"
-            f"{gib(self.hbm_bytes)}  {'yes' if self.fits else 'NO ':<4}{self.flops_per_chip / 1e12:10.2f}"
+            f"{gib(self.hbm_bytes)}  {fits:<4}{tflops:>10}"
             f"{self.compile_s:8.1f}")
 
 
@@ -150,14 +155,25 @@ def _shard_bytes(tree) -> int:
 
 def compile_step(config: ml_collections.ConfigDict, *, topology: str, mesh: dict, rules: str,
                  trainable: frozenset[str], batch: int, length: int, num_images: int, slices: int = 1,
-                 frozen_rules: str | None = None) -> Fit:
-  """Compiles the train step for `topology` and measures it (see the module docstring)."""
+                 frozen_rules: str | None = None, compile: bool = True) -> Fit:
+  """Compiles the train step for `topology` and measures it (see the module docstring).
+
+  With ``compile=False`` only the sharded parameters and optimizer state are sized
+  (seconds instead of minutes); temporaries, peak and FLOPs are then reported as -1.
+  """
   devices = topology_devices(topology, slices)
   the_mesh = sh.make_mesh({**mesh, "slices": slices}, devices)
   start = time.perf_counter()
   step, state, batch_sds = build_step(
       config, the_mesh, sh.get_rules(rules), trainable=trainable, batch=batch, length=length,
       num_images=num_images, frozen_rules=None if frozen_rules is None else sh.get_rules(frozen_rules))
+  name = rules if frozen_rules is None else f"{rules}+{frozen_rules}"
+  sized = dict(topology=topology, slices=slices, chips=len(devices), mesh=dict(the_mesh.shape), rules=name,
+               batch=batch, length=length, num_images=num_images, param_bytes=_shard_bytes(state.params),
+               opt_bytes=_shard_bytes(state.opt_state), hbm_bytes=HBM_BYTES[generation(topology)])
+  if not compile:
+    return Fit(**sized, temp_bytes=-1, total_bytes=-1, flops_per_chip=-1.0,
+               compile_s=time.perf_counter() - start)
   compiled = step.lower(state, batch_sds).compile()
   elapsed = time.perf_counter() - start
   mem = compiled.memory_analysis()
@@ -169,9 +185,5 @@ def compile_step(config: ml_collections.ConfigDict, *, topology: str, mesh: dict
           - mem.alias_size_in_bytes)
   total = max(int(getattr(mem, "peak_memory_in_bytes", 0) or 0), live)
   temp = max(int(mem.temp_size_in_bytes), total - int(mem.argument_size_in_bytes))
-  name = rules if frozen_rules is None else f"{rules}+{frozen_rules}"
-  return Fit(topology=topology, slices=slices, chips=len(devices), mesh=dict(the_mesh.shape), rules=name,
-             batch=batch, length=length, num_images=num_images, param_bytes=_shard_bytes(state.params),
-             opt_bytes=_shard_bytes(state.opt_state), temp_bytes=temp,
-             total_bytes=int(total), hbm_bytes=HBM_BYTES[generation(topology)],
-             flops_per_chip=float(cost.get("flops", 0.0)), compile_s=elapsed)
+  return Fit(**sized, temp_bytes=temp, total_bytes=int(total), flops_per_chip=float(cost.get("flops", 0.0)),
+             compile_s=elapsed)

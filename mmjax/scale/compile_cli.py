@@ -48,17 +48,19 @@ def sweep_candidates(chips_per_slice: int) -> list[tuple[dict, str, str | None]]
 
 def report(path: str) -> str:
   """A markdown table of the JSON lines `--json` wrote (for the README's fit table)."""
-  from mmjax.scale.aot import human
+  from mmjax.scale.aot import human as _human
+  human = lambda b: _human(b) if b >= 0 else "-"
   rows = ["| model | topology | chips | mesh (dcn,data,fsdp,tensor) | batch x length | params/chip | opt/chip "
           "| temp/chip | peak/chip | HBM | fits | TFLOP/chip/step |", "|" + "---|" * 12]
   with open(path) as f:
     for line in f:
       r = json.loads(line)
       mesh = ",".join(str(r["mesh"][a]) for a in ("dcn", "data", "fsdp", "tensor"))
+      fits = {True: "yes", False: "no", None: "- (not compiled)"}[r["fits"]]
+      flops = f"{r['flops_per_chip'] / 1e12:.2f}" if r["flops_per_chip"] >= 0 else "-"
       rows.append(f"| {r['model']} | {r['topology']} | {r['chips']} | {mesh} ({r['rules']}) | {r['batch']} x "
                   f"{r['length']} | {human(r['param_bytes'])} | {human(r['opt_bytes'])} | {human(r['temp_bytes'])} | "
-                  f"{human(r['total_bytes'])} | {human(r['hbm_bytes'])} | {'yes' if r['fits'] else 'no'} | "
-                  f"{r['flops_per_chip'] / 1e12:.2f} |")
+                  f"{human(r['total_bytes'])} | {human(r['hbm_bytes'])} | {fits} | {flops} |")
   return "\n".join(rows)
 
 
@@ -83,6 +85,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--dtype", default=None, help="compute dtype (default: the config's; bfloat16 on TPU)")
   parser.add_argument("--remat", default=None, help="config.train.remat: none, layers, full, dots")
   parser.add_argument("--sweep", action="store_true", help="try every candidate mesh x rule set")
+  parser.add_argument("--no-compile", action="store_true",
+                      help="only size the sharded parameters and optimizer state (seconds, no peak/FLOPs)")
   parser.add_argument("--json", default=None, help="append each result as a JSON line to this file")
   args = parser.parse_args(argv)
 
@@ -122,7 +126,7 @@ def main(argv: list[str]) -> int:
     try:
       fit = aot.compile_step(config, topology=args.topology, mesh=mesh, rules=rules, trainable=trainable,
                              batch=batch, length=length, num_images=num_images, slices=args.slices,
-                             frozen_rules=frozen_rules)
+                             frozen_rules=frozen_rules, compile=not args.no_compile)
     except Exception as e:  # one candidate failing (an indivisible batch, OOM at compile) is a row
       print(f"{args.topology:<12}{args.slices:>3}{chips:>6}  {str(mesh):<24}{rules}: failed: "
             f"{str(e).splitlines()[0][:160]}")

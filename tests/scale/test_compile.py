@@ -45,3 +45,16 @@ def test_compile_tiny_for_v5e_2x2_prints_per_chip_memory_that_fits(capsys, tmp_p
   assert total / 4 <= fit["param_bytes"] <= total / 4 * 1.05
   assert fit["opt_bytes"] >= 2 * fit["param_bytes"]  # Adam's mu and nu for every (trainable) weight
   assert fit["temp_bytes"] > 0 and fit["flops_per_chip"] > 0
+
+
+def test_fsdp_per_chip_parameter_and_optimizer_bytes_fall_7x_from_4_to_32_chips():
+  from mmjax.train import config as config_lib
+  config = config_lib.load_config("configs/flamingo/tiny.py")
+  fits = [aot.compile_step(config, topology=topology, mesh={"fsdp": -1}, rules="fsdp",
+                           trainable=frozenset({"resampler", "xattn"}), batch=batch, length=32, num_images=1,
+                           compile=False)
+          for topology, batch in (("v5e:2x2", 8), ("v5e:4x8", 64))]
+  small, large = (f.param_bytes + f.opt_bytes for f in fits)
+  assert fits[0].chips == 4 and fits[1].chips == 32
+  assert small / large >= 7.0, small / large
+  assert fits[0].fits is None  # not compiled: no peak to judge
