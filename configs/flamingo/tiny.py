@@ -5,10 +5,10 @@ Run:
   mmjax eval --workdir work/flamingo-tiny
   mmjax train --config configs/flamingo/tiny.py --config.data.blank_images=True --workdir work/flamingo-tiny-blank
 
-Expected (2 CPU cores, about 3-4 minutes of training): training loss falls from ~6 to
-below 1; exact-match accuracy on the validation questions that need the image is several
-times the accuracy of the same config trained with `--config.data.blank_images=True`
-(the README reports the measured pair).
+Expected (seed 0, 900 steps; 3-6 minutes on 2 idle CPU cores by CPU time): training loss
+from ~5.6 to ~0.35; validation QA exact match about 54% with images against about 35-37%
+with `--config.data.blank_images=True` (a text-only prior scores 37%): the model uses the
+images, but 900 steps of a from-scratch ViT stop short of the 2x gap the demo aims for.
 
 The recipe here trains *every* component from random initialisation: the Flamingo recipe
 (frozen vision tower and LM) learns nothing when the towers are random, and no pretrained
@@ -60,12 +60,12 @@ def get_config(arg=None):
   c.data.num_workers = 0
   # Weights of the datasets ("name:weight,..."); empty: mmjax.data.DEFAULT_MIXTURE.
   # One image per example here, so the interleaved documents (2-5 images) are left out.
-  c.data.mixture = "qa:1.0,captions:1.0"
+  c.data.mixture = "qa:1.5,captions:1.0"
   # The ablation: replace every image by black pixels, in training and evaluation.
   c.data.blank_images = False
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 3e-3
+  c.optimizer.lr = 6e-3
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.98
   c.optimizer.eps = 1e-8
@@ -76,7 +76,7 @@ def get_config(arg=None):
   c.optimizer.grad_accum_steps = 1
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.warmup_steps = 50
+  c.schedule.warmup_steps = 100
   # Cosine decay to lr * end_lr_fraction at train.num_steps.
   c.schedule.end_lr_fraction = 0.05
 

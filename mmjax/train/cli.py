@@ -23,8 +23,9 @@ TINY = os.path.join(ROOT, "configs", "flamingo", "tiny.py")
 
 
 def _quiet_tpu_probe():
-  # libtpu (the `tpu` extra) probes the GCE metadata server and prints warnings on a machine
-  # without TPUs; skip the probe unless TPU device files exist. Must run before jax starts.
+  # libtpu (the `tpu` extra) queries the GCE metadata server when jax starts; on a machine
+  # without TPU device files skip that query (its warnings about the missing TPU remain;
+  # `make demo` installs no libtpu). Must run before jax starts.
   import glob
   if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
