@@ -186,3 +186,17 @@ def test_metrics_hold_lr_grad_norm_throughput_mfu_and_gates_per_step(tmp_path):
   assert [r["step"] for r in recs if r["kind"] == "eval"] == [3, 6]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
   assert json.load(open(tmp_path / "config.json"))["train"]["num_steps"] == 6
+
+
+def test_every_config_file_loads_with_a_docstring_and_valid_stages():
+  import glob
+  files = sorted(glob.glob(os.path.join(os.path.dirname(toy.CONFIG), "*.py")))
+  assert {os.path.basename(f) for f in files} >= {"tiny.py", "staged.py"}
+  for path in files:
+    c = config_lib.load_config(path)
+    stages = optimizer_lib.parse_stages(c.freeze.stages)
+    assert stages[-1].start_step < c.train.num_steps, path
+    assert "mmjax train --config" in open(path).read().split('"""')[1], path
+  staged = optimizer_lib.parse_stages(config_lib.load_config(files[0] if "staged" in files[0] else
+                                                             [f for f in files if "staged" in f][0]).freeze.stages)
+  assert staged[-1].trainable == frozenset({"resampler", "xattn"})
