@@ -25,7 +25,7 @@ row() {
     3b-v5e)  "$MMJAX" compile --config $CFG --preset openflamingo-3b --topology v5e:2x2 --batch 8 "${RECIPE[@]}" ;;
     3b-v5p)  "$MMJAX" compile --config $CFG --preset openflamingo-3b --topology v5p:2x2x1 --batch 8 "${RECIPE[@]}" ;;
     3b-v6e)  "$MMJAX" compile --config $CFG --preset openflamingo-3b --topology v6e:2x2 --batch 8 "${RECIPE[@]}" ;;
-    9b-v5e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5e:2x4 --batch 16 "${RECIPE[@]}" ;;
+    9b-v5e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5e:2x2 --batch 8 "${RECIPE[@]}" ;;
     9b-v5p)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5p:2x2x1 --batch 8 "${RECIPE[@]}" ;;
     9b-v6e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v6e:2x2 --batch 8 "${RECIPE[@]}" ;;
     80b-v5e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x8 --batch 128 "${RECIPE[@]}" ;;
