@@ -39,6 +39,7 @@ from typing import Any
 
 from mmjax.convert import hf_llama, hf_vision
 from mmjax.convert import open_flamingo as of_convert
+from mmjax.convert.state_dict import to_numpy
 from mmjax.models.decoder import xattn_config, xattn_layer_indices
 from mmjax.models.flamingo import FlamingoConfig
 
@@ -119,7 +120,7 @@ def open_clip_visual_to_hf(sd: Mapping[str, Any], prefix: str = "") -> dict[str,
 
 def np_split3(value: Any):
   """Three equal parts along the first axis (a torch tensor or an array)."""
-  value = hf_llama.to_numpy(value)
+  value = to_numpy(value)
   n = value.shape[0] // 3
   return value[:n], value[n:2 * n], value[2 * n:]
 

@@ -27,65 +27,16 @@ F SwiGLU width.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from mmjax.convert.state_dict import StateDictReader, to_numpy
 from mmjax.models.decoder import DecoderConfig
 
 # Buffers some transformers versions save, which carry no learned weight.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def to_numpy(value: Any) -> np.ndarray:
-  """A torch tensor (any dtype) or array-like -> float32 numpy array."""
-  if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-    value = value.detach().cpu()
-    if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
-      value = value.float()
-    value = value.numpy()
-  return np.asarray(value, dtype=np.float32)
-
-
-class StateDictReader:
-  """Reads keys of a state_dict, collecting missing and mis-shaped ones for one error."""
-
-  def __init__(self, sd: Mapping[str, Any], what: str):
-    self.sd = sd
-    self.what = what
-    self.used: set[str] = set()
-    self.missing: list[str] = []
-    self.misshaped: list[str] = []
-
-  def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    if key not in self.sd:
-      self.missing.append(key)
-      return None
-    self.used.add(key)
-    got = tuple(self.sd[key].shape)
-    if got != tuple(shape):
-      self.misshaped.append(f"{key}: shape {got}, expected {tuple(shape)}")
-      return None
-    return to_numpy(self.sd[key])
-
-  def linear(self, key: str, out_features: int, in_features: int) -> np.ndarray | None:
-    """torch Linear weight [out, in] -> kernel [in, out]."""
-    w = self.get(key, (out_features, in_features))
-    return None if w is None else np.ascontiguousarray(w.T)
-
-  def raise_if_errors(self, unexpected: Iterable[str] = ()) -> None:
-    unexpected = sorted(unexpected)
-    if not (self.missing or self.misshaped or unexpected):
-      return
-    lines = [f"cannot convert {self.what}:"]
-    if self.missing:
-      lines.append(f"  missing keys ({len(self.missing)}): " + ", ".join(self.missing))
-    if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-    if self.misshaped:
-      lines.append(f"  mis-shaped keys ({len(self.misshaped)}): " + "; ".join(self.misshaped))
-    raise ValueError("\n".join(lines))
 
 
 def _reshape(x: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -42,21 +42,12 @@ from typing import Any
 
 import numpy as np
 
+from mmjax.convert.state_dict import to_numpy
 from mmjax.models.vit import ViTConfig
 
 _VISION_MODEL = "vision_model."
 # Buffers some checkpoints hold that carry no parameter.
 _IGNORED_SUFFIXES = ("embeddings.position_ids",)
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-  """torch.Tensor (any float dtype) or array-like -> float32 numpy array."""
-  if hasattr(x, "detach"):  # a torch tensor; torch is not imported here
-    x = x.detach().cpu()
-    if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
-      x = x.float()
-    x = x.numpy()
-  return np.asarray(x).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +216,7 @@ def vit_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig, *,
   for key, entry in expected.items():
     if key not in present:
       continue
-    value = _to_numpy(state_dict[present[key]])
+    value = to_numpy(state_dict[present[key]])
     if tuple(value.shape) != entry.shape:
       misshaped.append(f"{present[key]}: {tuple(value.shape)}, expected {entry.shape}")
       continue

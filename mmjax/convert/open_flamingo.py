@@ -37,72 +37,17 @@ Dimension letters: D width, Dm media width, H heads, K head dim, L latents.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from mmjax.convert.state_dict import StateDictReader
 from mmjax.models.gated_xattn import GatedXAttnConfig
 from mmjax.models.perceiver import PerceiverConfig
 
 GATED_XATTN_PREFIX = "lang_encoder.gated_cross_attn_layers."
 PERCEIVER_PREFIX = "perceiver."
-
-
-def to_numpy(value: Any) -> np.ndarray:
-  """A torch tensor (any dtype, any device) or array-like -> float32 numpy array."""
-  if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-    value = value.detach().cpu()
-    if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
-      value = value.float()
-    value = value.numpy()
-  return np.asarray(value, dtype=np.float32)
-
-
-class _Reader:
-  """Reads keys of a state_dict, recording missing and mis-shaped ones for one error."""
-
-  def __init__(self, sd: Mapping[str, Any], what: str):
-    self.sd = sd
-    self.what = what
-    self.used: set[str] = set()
-    self.missing: list[str] = []
-    self.misshaped: list[str] = []
-
-  def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    if key not in self.sd:
-      self.missing.append(key)
-      return None
-    self.used.add(key)
-    value = self.sd[key]
-    got = tuple(value.shape)
-    if got != tuple(shape):
-      self.misshaped.append(f"{key}: shape {got}, expected {tuple(shape)}")
-      return None
-    return to_numpy(value)
-
-  def linear(self, key: str, out_features: int, in_features: int) -> np.ndarray | None:
-    """torch Linear weight [out, in] -> kernel [in, out]."""
-    w = self.get(key, (out_features, in_features))
-    return None if w is None else np.ascontiguousarray(w.T)
-
-  def layer_norm(self, prefix: str, dim: int) -> dict | None:
-    scale = self.get(prefix + "weight", (dim,))
-    bias = self.get(prefix + "bias", (dim,))
-    return {"scale": scale, "bias": bias}
-
-  def raise_if_errors(self, unexpected: Iterable[str] = ()) -> None:
-    unexpected = sorted(unexpected)
-    if not (self.missing or self.misshaped or unexpected):
-      return
-    lines = [f"cannot convert {self.what}:"]
-    if self.missing:
-      lines.append(f"  missing keys ({len(self.missing)}): " + ", ".join(self.missing))
-    if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-    if self.misshaped:
-      lines.append(f"  mis-shaped keys ({len(self.misshaped)}): " + "; ".join(self.misshaped))
-    raise ValueError("\n".join(lines))
 
 
 def _heads_in(kernel: np.ndarray | None, heads: int, head_dim: int) -> np.ndarray | None:
@@ -120,7 +65,7 @@ def _heads_out(kernel: np.ndarray | None, heads: int, head_dim: int) -> np.ndarr
   return None if kernel is None else kernel.reshape(heads, head_dim, kernel.shape[-1])
 
 
-def _feed_forward(r: _Reader, prefix: str, dim: int, mlp_dim: int) -> dict:
+def _feed_forward(r: StateDictReader, prefix: str, dim: int, mlp_dim: int) -> dict:
   return {
       "norm": r.layer_norm(prefix + "0.", dim),
       "fc1": {"kernel": r.linear(prefix + "1.weight", mlp_dim, dim)},
@@ -148,7 +93,7 @@ def perceiver_from_state_dict(
   c = config
   d, h, k = c.width, c.num_heads, c.head_dim
   hk = h * k
-  r = _Reader(sd, f"a PerceiverResampler from the keys under {prefix!r}")
+  r = StateDictReader(sd, f"a PerceiverResampler from the keys under {prefix!r}")
   params: dict[str, Any] = {"latents": r.get(prefix + "latents", (c.num_latents, d))}
   if c.max_num_frames is not None:
     params["frame_embs"] = r.get(prefix + "frame_embs", (c.max_num_frames, d))
@@ -174,7 +119,7 @@ def perceiver_from_state_dict(
   return params
 
 
-def _gated_xattn(r: _Reader, prefix: str, config: GatedXAttnConfig) -> dict:
+def _gated_xattn(r: StateDictReader, prefix: str, config: GatedXAttnConfig) -> dict:
   c = config
   d, dm, h, k = c.width, c.media_width, c.num_heads, c.head_dim
   hk = h * k
@@ -204,7 +149,7 @@ def gated_xattn_from_state_dict(
   state_dict of a bare ``GatedCrossAttentionBlock``. Keys under a non-empty prefix that are
   not part of the block are unexpected; with an empty prefix every other key is.
   """
-  r = _Reader(sd, f"a GatedXAttnDense from the keys under {prefix!r}")
+  r = StateDictReader(sd, f"a GatedXAttnDense from the keys under {prefix!r}")
   params = _gated_xattn(r, prefix, config)
   r.raise_if_errors(_under(sd, prefix) - r.used)
   if used is not None:
@@ -230,7 +175,7 @@ def gated_xattn_layers_from_state_dict(
   ``decoder_layers_prefix=None`` to leave them to the caller). A block index under ``prefix``
   not in ``layer_indices`` is unexpected.
   """
-  r = _Reader(sd, f"the gated cross-attention layers {list(layer_indices)} from the keys under {prefix!r}")
+  r = StateDictReader(sd, f"the gated cross-attention layers {list(layer_indices)} from the keys under {prefix!r}")
   out = {}
   for i in layer_indices:
     main = f"{prefix}{i}."
