@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from mmjax.kernels.attention import flash_vjp
 from mmjax.kernels.attention import masking
 from mmjax.kernels.attention.block_sizes import BlockSizes
 
@@ -327,23 +328,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, query_ids, key_ids):
-  return _forward(cfg, q, k, v, query_ids, key_ids)[0]
-
-
-def _flash_fwd(cfg, q, k, v, query_ids, key_ids):
-  out, lse = _forward(cfg, q, k, v, query_ids, key_ids)
-  return out, (q, k, v, query_ids, key_ids, out, lse)
-
-
-def _flash_bwd(cfg, residuals, dout):
-  q, k, v, query_ids, key_ids, out, lse = residuals
-  dq, dk, dv = _backward(cfg, q, k, v, query_ids, key_ids, out, lse, dout)
-  return dq, dk, dv, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = flash_vjp.make_flash(_forward, _backward)
 
 
 def _tile_size(block: int, length: int) -> int:
