@@ -69,6 +69,8 @@ def test_the_flamingo_recipe_on_flamingo_freezes_vision_and_lm_bitwise_and_opens
   from mmjax.train import loop
   config = config_lib.load_config(cli.TINY, [f"--config.data.dir={data_dir}", *SMALL, "--config.train.num_steps=3",
                                              "--config.freeze.stages=0:resampler,xattn",
+                                             "--config.model.decoder.cross_attn_every_n_layers=1",
+                                             "--config.init.gate_value=0.0",  # Flamingo's closed gates
                                              "--config.optimizer.lr=0.01"])
   task = task_lib.flamingo_task(config)
   params0 = jax.jit(task.init_params)(jax.random.key(int(config.seed)))
@@ -81,9 +83,13 @@ def test_the_flamingo_recipe_on_flamingo_freezes_vision_and_lm_bitwise_and_opens
     same = np.array_equal(np.asarray(p0).view(np.uint32), np.asarray(p1).view(np.uint32))
     assert same == (label in ("vision", "lm")), (jax.tree_util.keystr(path), label)
   assert seen == {"vision", "resampler", "xattn", "lm"}
+  # Every gate in the parameters is logged, and every one has moved off its initial value.
+  gate_paths = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params0)[0]
+                if jax.tree_util.keystr(path).endswith(("attn_gate']", "ff_gate']"))}
+  assert len(gate_paths) == 4, gate_paths  # two xattn blocks (depth 2, one before every layer), two gates each
   gates = {k: float(v) for k, v in
            metrics_lib.read_metrics(str(tmp_path))[-1].items() if k.startswith("gate/")}
-  assert len(gates) == 4 and all(abs(v) > 1e-4 for v in gates.values()), gates
+  assert len(gates) == len(gate_paths) and all(abs(v) > 1e-4 for v in gates.values()), gates
 
 
 def test_a_bad_override_is_one_line_and_status_2(capsys, tmp_path):
