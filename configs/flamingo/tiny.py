@@ -63,6 +63,29 @@ def get_config(arg=None):
   c.data.mixture = "qa:1.5,captions:1.0"
   # The ablation: replace every image by black pixels, in training and evaluation.
   c.data.blank_images = False
+  # batch_size is the global batch. True: each JAX process reads its own disjoint slice
+  # of every dataset and batch_size / processes rows of each batch (what a pod needs).
+  # False: every process reads the whole global batch and keeps its rows, so the batches
+  # are the same whatever the number of processes (reproducing a run across topologies).
+  c.data.shard_by_process = True
+
+  # The device mesh (mmjax.sharding.make_mesh): sizes of the data, fsdp and tensor axes,
+  # one of them -1 for the rest of the devices; slices > 1 adds a dcn axis across the
+  # slices of a multislice job. The default splits the weights and the batch over every
+  # device (FSDP); on one device that is plain single-device training.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  c.mesh.slices = 1
+  # 0: every device; n: the first n devices (one process only: to debug or share a host).
+  c.mesh.num_devices = 0
+  # Rule sets (mmjax.sharding.RULE_SETS) mapping logical axes onto the mesh: `rules` for
+  # trained weights and their Adam moments, `frozen_rules` for frozen ones (no optimizer
+  # state; empty: the same as `rules`).
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = "fsdp"
+  c.sharding.frozen_rules = "frozen_towers"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 6e-3

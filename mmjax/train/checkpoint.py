@@ -68,6 +68,10 @@ class Checkpointer:
                               data=ocp.args.JsonSave(encode_data_state(data_state)),
                               config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
 
+  def due(self, step: int) -> bool:
+    """Whether `step` is a regular checkpoint step (`checkpoint.every_steps`)."""
+    return self.every > 0 and step % self.every == 0
+
   def save(self, step: int, state, data_state, config, *, force: bool = False) -> bool:
     """Starts saving `step` (asynchronously if configured); returns whether it saved."""
     if not force and (self.every <= 0 or step % self.every):

@@ -12,11 +12,9 @@ Each returns an exit status; errors in the user's input print one line and retur
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "flamingo", "tiny.py")

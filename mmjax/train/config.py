@@ -50,9 +50,15 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 def write_resolved(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the config as JSON into `workdir` (what this run actually used); returns the path."""
-  os.makedirs(workdir, exist_ok=True)
+  """Writes the config as JSON into `workdir` (what this run actually used); returns the path.
+
+  Process 0 writes it; the other processes of a multi-process job only return the path.
+  """
   path = os.path.join(workdir, RESOLVED_CONFIG)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return path
+  os.makedirs(workdir, exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -11,7 +11,6 @@ Dimension letters: B batch, N images, S image side, T buffer length.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 

@@ -7,11 +7,18 @@ model's init/apply and parameter labels) on what data (an iterator with
 tests use a tiny stand-in. Per step the loop only dispatches: the metrics of the previous
 step are fetched after the next one is queued, so the host never waits on the device
 except at checkpoints and evaluations.
+
+Every run is a sharded run: the step is jitted over the config's device mesh
+(`config.mesh`, `config.sharding`; `mmjax.scale.step`), with the state created, restored
+and stored with the shardings its rules give, and each batch assembled from the rows of
+every JAX process. One CPU is a 1-device mesh; several processes (`mmjax launch local`,
+a TPU pod) run the same code, each feeding its own rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -20,10 +27,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from mmjax import sharding as sh
+from mmjax.scale import step as scale_step
 from mmjax.train import checkpoint as checkpoint_lib
 from mmjax.train import config as config_lib
 from mmjax.train import flops as flops_lib
@@ -54,6 +63,96 @@ class Task:
   val_data: Callable[[], Iterable[dict]] | None = None
   # trainable components -> matmul FLOPs of one example's train step, or None (no MFU)
   flops_per_example: Callable[[frozenset], float] | None = None
+  # (rng key) -> the abstract parameters with their logical-axis boxes
+  # (`jax.eval_shape(module.init, ...)['params']`), which the sharding rules read; None:
+  # every parameter is replicated (a model with no logical annotations).
+  boxed_params: Callable[[jax.Array], Any] | None = None
+
+
+def process_batch_size(config: ml_collections.ConfigDict) -> int:
+  """Rows of each batch this JAX process reads (`config.data.batch_size` is the global batch)."""
+  global_batch = int(config.data.batch_size)
+  if not bool(config.data.get("shard_by_process", True)):
+    return global_batch
+  n = jax.process_count()
+  if global_batch % n:
+    raise ValueError(f"data.batch_size={global_batch} (the global batch) does not divide over {n} processes")
+  return global_batch // n
+
+
+def mesh_from_config(config: ml_collections.ConfigDict):
+  """(mesh, rules, frozen_rules) of the run: `config.mesh` over every device, or the first
+  `config.mesh.num_devices` of them."""
+  mesh_config = config.get("mesh", None) or {}
+  n = int(mesh_config.get("num_devices", 0) or 0)
+  devices = None
+  if n:
+    if jax.process_count() > 1:
+      raise ValueError(f"mesh.num_devices={n} needs a single process; this job has {jax.process_count()}")
+    if n > jax.device_count():
+      raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices are visible")
+    devices = jax.devices()[:n]
+  return sh.from_config(config, devices)
+
+
+class BatchFeeder:
+  """Host batches -> global arrays on the mesh, with the shardings of the train step.
+
+  With `data.shard_by_process` each process holds its own rows (`global_batch`); otherwise
+  every process holds the whole batch and each device takes its rows from it.
+  """
+
+  def __init__(self, mesh, rules, per_process: bool):
+    self.mesh, self.rules, self.per_process = mesh, rules, per_process
+
+  def global_shape(self, batch: dict) -> dict:
+    scale = jax.process_count() if self.per_process else 1
+    return {k: jax.ShapeDtypeStruct((np.shape(v)[0] * scale,) + np.shape(v)[1:], np.asarray(v).dtype)
+            for k, v in batch.items()}
+
+  def __call__(self, batch: dict) -> dict:
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    if self.per_process:
+      return sh.global_batch(batch, self.mesh, self.rules)
+    shardings = sh.batch_shardings(batch, self.mesh, self.rules)
+    return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
+
+
+def gather_data_states(data_state: Any) -> Any:
+  """Every process's data-iterator state, for a checkpoint written once for all of them.
+
+  One process: the state itself. Several: `{"per_process": [state_0, state_1, ...]}`
+  (each process reads its own slice of the data, so each resumes from its own state).
+  """
+  if jax.process_count() == 1:
+    return data_state
+  blob = np.frombuffer(json.dumps(checkpoint_lib.encode_data_state(data_state)).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int32))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:blob.size] = blob
+  blobs = multihost_utils.process_allgather(padded)
+  return {"per_process": [json.loads(bytes(b[:int(n)]).decode())
+                          for b, n in zip(np.asarray(blobs), np.asarray(sizes).reshape(-1))]}
+
+
+def own_data_state(saved: Any, per_process: bool) -> Any:
+  """This process's data-iterator state out of what `gather_data_states` saved.
+
+  A checkpoint from another number of processes resumes each process at the same
+  position in its own slice (exact when the batches do not depend on the process count,
+  `data.shard_by_process=False`; otherwise the slices themselves changed).
+  """
+  if not (isinstance(saved, dict) and "per_process" in saved):
+    return saved
+  states = saved["per_process"]
+  p = jax.process_index()
+  if len(states) != jax.process_count():
+    log.warning("the checkpoint's data state comes from %d processes, this job has %d: every process resumes"
+                " at process 0's position%s", len(states), jax.process_count(),
+                "" if not per_process else " in its own (new) slice of the data")
+    p = 0
+  return checkpoint_lib.decode_data_state(states[p])
 
 
 def blank_images(batch: dict) -> dict:
@@ -67,26 +166,45 @@ def prepare_batch(config: ml_collections.ConfigDict, batch: dict) -> dict:
   return blank_images(batch) if bool(config.data.blank_images) else batch
 
 
-def evaluate_loss(eval_step, params, batches: Iterable[dict], config, max_batches: int = 0) -> float:
-  """Token-weighted mean validation loss over (at most `max_batches` of) `batches`."""
+def evaluate_loss(eval_step, params, batches: Iterable[dict], config, max_batches: int = 0,
+                  put: Callable[[dict], Any] = lambda b: b) -> float:
+  """Token-weighted mean validation loss over (at most `max_batches` of) `batches`
+  (`put` places each host batch for `eval_step`)."""
   total, count = 0.0, 0.0
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    t, c = jax.device_get(eval_step(params, prepare_batch(config, batch)))
+    t, c = jax.device_get(eval_step(params, put(prepare_batch(config, batch))))
     total += float(t)
     count += float(c)
   return total / max(count, 1.0)
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks once per step."""
+  """Turns SIGTERM into a flag the loop checks once per step.
+
+  One process: a Python SIGTERM handler sets the flag. Several: JAX's preemption
+  service (started by `jax.distributed.initialize`) catches the signal on whichever
+  process gets it and agrees with every process on the step at which all of them stop
+  (`multihost_utils.reached_preemption_sync_point`), so they save the same step together.
+  """
 
   def __init__(self):
     self.requested = False
     self._old = None
+    self.multiprocess = jax.process_count() > 1
+
+  def check(self, step: int) -> bool:
+    if self.multiprocess:
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service)
+        return False
+    return self.requested
 
   def __enter__(self):
+    if self.multiprocess:
+      return self  # a Python handler would replace the preemption service's
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: no handler, as in a notebook thread
@@ -126,18 +244,47 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
   masks = [optimizer_lib.trainable_mask(labels, s.trainable) for s in stages]
   txs = [optimizer_lib.make_transform(config, m) for m in masks]
   on_cpu = jax.devices()[0].platform == "cpu"
+  mesh, rules, frozen_rules = mesh_from_config(config)
+  boxed = task.boxed_params(init_key) if task.boxed_params is not None else abstract_params
+  per_process = bool(config.data.get("shard_by_process", True))
+  batch_axes = sh.batch_sharding(mesh, rules).spec[0]
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+  split = math.prod(mesh.shape[a] for a in batch_axes)
+  if int(config.data.batch_size) % split:
+    raise ValueError(
+        f"data.batch_size={int(config.data.batch_size)} does not split over the {split}-way batch axes"
+        f" {batch_axes} of the mesh {dict(mesh.shape)}: use a multiple of {split}, or a mesh with fewer"
+        f" batch-parallel devices (--config.mesh.*, e.g. --config.mesh.num_devices=N on one process)")
+  put = BatchFeeder(mesh, rules, per_process)
+  log.info("mesh %s (%d processes), rules %s", dict(mesh.shape), jax.process_count(),
+           config.get("sharding", {}).get("rules", "fsdp") if config.get("sharding", None) else "fsdp")
 
-  def build_step(i):
+  def abstract_state(i, step=0):
+    return jax.eval_shape(lambda: state_lib.create(task.init_params(init_key), txs[i], seed, step))
+
+  shardings = {}  # stage -> (state shardings, param shardings)
+
+  def state_shardings(i):
+    if i not in shardings:
+      shardings[i] = scale_step.state_shardings(abstract_state(i), lambda s: s.params, boxed, mesh, rules,
+                                                trainable=masks[i], frozen_rules=frozen_rules)
+    return shardings[i]
+
+  def build_step(i, abstract_batch):
     fn = step_lib.make_train_step(apply_fn=task.apply_fn, tx=txs[i], mask=masks[i], schedule=schedule,
                                   grad_accum_steps=int(config.optimizer.grad_accum_steps),
                                   remat=str(config.train.remat))
     # Donation saves a copy of the state on accelerators; on CPU it buys nothing and
     # would race with an asynchronous checkpoint reading the previous state.
-    return jax.jit(fn, donate_argnums=() if on_cpu else (0,))
+    return scale_step.shard_train_step(fn, abstract_state(i), abstract_batch, boxed, mesh, rules,
+                                       trainable=masks[i], frozen_rules=frozen_rules, donate=not on_cpu)
 
   def template(step):
+    # The abstract state saved at `step`, with this run's shardings: a checkpoint written
+    # on any mesh (any number of processes) restores onto this one.
     i = optimizer_lib.stage_index(stages, max(step - 1, 0))
-    return jax.eval_shape(lambda: state_lib.create(task.init_params(init_key), txs[i], seed, step))
+    return jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        abstract_state(i, step), state_shardings(i)[0])
 
   ckpt = checkpoint_lib.Checkpointer(workdir, config)
   writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(config.log.tensorboard), progress_total=num_steps,
@@ -146,17 +293,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
   restored = ckpt.restore_latest(template)
   if restored is not None:
     step, state, data_state = restored
-    data.set_state(data_state)
+    data.set_state(own_data_state(data_state, per_process))
     opt_stage = optimizer_lib.stage_index(stages, max(step - 1, 0))
     log.info("resumed from step %d", step)
   else:
     step = 0
+    sshard, pshard = state_shardings(0)
     # jit(init_params) alone, so that `jax.jit(task.init_params)(key)` reproduces these
-    # parameters bitwise (fusing init into a bigger program can move the last ulp).
-    state = state_lib.create(jax.jit(task.init_params)(init_key), txs[0], seed)
+    # parameters bitwise (fusing init into a bigger program can move the last ulp); the
+    # parameters are created already split over the mesh.
+    params = jax.jit(task.init_params, out_shardings=pshard)(init_key)
+    state = jax.jit(lambda p: state_lib.create(p, txs[0], seed), out_shardings=sshard)(params)
     opt_stage = 0
   start_step = step
-  eval_step = jax.jit(step_lib.make_eval_step(task.apply_fn))
+  eval_jit = None
+
+  def eval_step(params, batch):
+    nonlocal eval_jit
+    if eval_jit is None:
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      eval_jit = jax.jit(step_lib.make_eval_step(task.apply_fn),
+                         in_shardings=(state_shardings(cur_stage)[1], sh.batch_shardings(batch, mesh, rules)),
+                         out_shardings=replicated)
+    with sh.activation_rules(mesh, rules):
+      return eval_jit(params, batch)
+
   flops = {}
   peak = flops_lib.peak_flops_per_device(float(config.log.peak_tflops))
   n_dev = jax.device_count()
@@ -200,45 +361,50 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     with _Preemption() as preempt:
       while step < num_steps:
         si = optimizer_lib.stage_index(stages, step)
-        if si != cur_stage:
-          cur_stage, step_fn = si, build_step(si)
-          if opt_stage != si:
-            # A new stage: a new set of trainable leaves, a fresh optimizer state for them.
-            state = state.replace(opt_state=txs[si].init(state.params))
-            opt_stage = si
         batch = prepare_batch(config, next(data))
         data_state = data.get_state()
-        bsz = int(batch["input_ids"].shape[0])
-        ntok = float(np.prod(batch["input_ids"].shape))
-        nimg = float(np.sum(batch["image_mask"]))
-        state, metrics = step_fn(state, batch)
+        if si != cur_stage:
+          cur_stage, step_fn = si, build_step(si, put.global_shape(batch))
+          if opt_stage != si:
+            # A new stage: a new set of trainable leaves, a fresh optimizer state for them.
+            state = jax.jit(lambda s, tx=txs[si]: s.replace(opt_state=tx.init(s.params)),
+                            out_shardings=state_shardings(si)[0])(state)
+            opt_stage = si
+        gbatch = put(batch)
+        bsz = int(gbatch["input_ids"].shape[0])
+        ntok = float(np.prod(gbatch["input_ids"].shape))
+        # Images of the global batch: this process's count times the processes (exact
+        # when every process holds the whole batch).
+        nimg = float(np.sum(batch["image_mask"])) * (jax.process_count() if per_process else 1)
+        state, metrics = step_fn(state, gbatch)
         if pending is not None:
           flush(pending)
         pending = (step, metrics, ntok, nimg, si)
         step += 1
         summary["step"] = step
-        ckpt.save(step, state, data_state, config)
+        if ckpt.due(step):
+          ckpt.save(step, state, gather_data_states(data_state), config)
         every = int(config.eval.every_steps)
         if task.val_data is not None and every > 0 and step % every == 0:
           flush(pending)
           pending = None
-          val = evaluate_loss(eval_step, state.params, task.val_data(), config, int(config.eval.num_batches))
+          val = evaluate_loss(eval_step, state.params, task.val_data(), config, int(config.eval.num_batches), put)
           writer.write(step, "eval", {"val_loss": val})
           summary["val_loss"] = val
-          ckpt.save_best(step, state, data_state, config, val)
+          ckpt.save_best(step, state, gather_data_states(data_state), config, val)
           last_done = time.perf_counter()
-        if preempt.requested:
+        if preempt.check(step):
           flush(pending)
           pending = None
           log.warning("SIGTERM: saving step %d and exiting", step)
-          ckpt.save(step, state, data_state, config, force=True)
+          ckpt.save(step, state, gather_data_states(data_state), config, force=True)
           summary["preempted"] = True
           break
       if pending is not None:
         flush(pending)
         pending = None
       if not summary["preempted"] and step == num_steps:
-        ckpt.save(step, state, data.get_state(), config, force=True)
+        ckpt.save(step, state, gather_data_states(data.get_state()), config, force=True)
   finally:
     ckpt.close()
     writer.close()

@@ -113,6 +113,12 @@ class Model:
       return jnp.full_like(p, self.gate_init) if name in ("attn_gate", "ff_gate") else p
     return jax.tree_util.tree_map_with_path(set_gate, params)
 
+  def boxed(self, key):
+    """The abstract parameters with their logical-axis boxes (for the sharding rules)."""
+    ex = self._example
+    return jax.eval_shape(self.module.init, key, jnp.asarray(ex["images"]), jnp.asarray(ex["input_ids"]),
+                          jnp.asarray(ex["image_index"]), jnp.asarray(ex["image_mask"]))["params"]
+
   def apply(self, params, batch, rng=None):
     del rng  # no dropout in these models
     return self.module.apply({"params": params}, batch["images"], batch["input_ids"], batch["image_index"],
@@ -134,18 +140,23 @@ def flamingo_task(config: ml_collections.ConfigDict) -> loop.Task:
   tokenizer = load_tokenizer(config)
   cfg = model_config(config, tokenizer)
   model = Model(cfg, example_batch(config, tokenizer), float(config.init.gate_value))
-  d, bk, bsz = data_dir(config), bucket(config), int(config.data.batch_size)
+  d, bk = data_dir(config), bucket(config)
+  # data.batch_size is the global batch; each process reads its rows (or all of them).
+  bsz = loop.process_batch_size(config)
+  by_process = bool(config.data.get("shard_by_process", True))
   mixture = parse_mixture(str(config.data.mixture))
 
   def train_data():
     return data_lib.make_pipeline(d, "train", batch_size=bsz, bucket=bk, seed=int(config.seed), mixture=mixture,
-                                  num_workers=int(config.data.num_workers), tokenizer=tokenizer)
+                                  num_workers=int(config.data.num_workers), tokenizer=tokenizer,
+                                  shard_by_jax_process=by_process)
 
   def val_data():
     return data_lib.make_pipeline(d, "validation", batch_size=bsz, bucket=bk, seed=0, mixture=mixture,
-                                  num_epochs=1, shuffle=False, tokenizer=tokenizer)
+                                  num_epochs=1, shuffle=False, tokenizer=tokenizer, shard_by_jax_process=by_process)
 
   fwd = flops_lib.flamingo_forward_flops(cfg, bk.max_images, bk.text_length)
   return loop.Task(init_params=model.init, apply_fn=model.apply, param_labels=flamingo.param_labels,
                    train_data=train_data, val_data=val_data,
-                   flops_per_example=lambda trainable: flops_lib.train_flops_per_example(fwd, trainable))
+                   flops_per_example=lambda trainable: flops_lib.train_flops_per_example(fwd, trainable),
+                   boxed_params=model.boxed)

@@ -20,7 +20,7 @@ SMALL = ["--config.data.batch_size=4", "--config.data.text_length=32", "--config
          "--config.checkpoint.every_steps=2", "--config.eval.every_steps=0", "--config.eval.num_batches=1",
          "--config.eval.num_questions=4", "--config.eval.few_shot_k=1", "--config.eval.max_new_tokens=2",
          "--config.log.tensorboard=False", "--config.model.decoder.depth=2", "--config.model.resampler.depth=1",
-         "--config.model.vision.depth=1"]
+         "--config.model.vision.depth=1", "--config.mesh.num_devices=4"]
 
 
 @pytest.fixture(scope="module")
