@@ -4,7 +4,9 @@
 # host (libtpu) and appends a JSON line to $OUT. Flamingo recipe: ViT and LM frozen
 # (no optimizer state), resampler + gated cross-attention trained with AdamW; bf16
 # compute, fp32 parameters, per-layer remat; 1 image (224 px) + 512 text tokens per
-# example, 2 examples per chip.
+# example, 2 examples per chip; decoder layers under nn.scan (--scan-layers: one block body
+# compiled instead of one per layer, which is what lets Flamingo-80B compile at all; the
+# unscanned OpenFlamingo-3B row took 1832 s, see launch/fit_results.jsonl).
 #   launch/fit_table.sh [ROW ...]     rows: scale-tiny scale-3b 3b-v5e 3b-v5p 3b-v6e 9b-v5e 9b-v5p 9b-v6e 80b-v5e 80b-v5p 80b-v6e
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +16,7 @@ mkdir -p "$(dirname "$OUT")"
 export JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1
 CFG=configs/flamingo/tiny.py
 RECIPE=(--trainable resampler,xattn --length 512 --num-images 1 --dtype bfloat16 --remat layers
-        --mesh fsdp=-1 --rules fsdp --frozen-rules frozen_towers --json "$OUT")
+        --scan-layers --mesh fsdp=-1 --rules fsdp --frozen-rules frozen_towers --json "$OUT")
 
 row() {
   case "$1" in

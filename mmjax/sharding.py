@@ -22,6 +22,9 @@ Logical axes
 ``cache``     positions of a decode-time key/value cache.
 ``norm``      a normalisation scale or bias vector (never sharded by default).
 ``conv_in``   the input pixels of a patch-embedding convolution (patch x patch x channels).
+``layers``    the stacked leading axis of scanned layers (``DecoderConfig.scan_layers``):
+              one entry per scanned block. Never sharded: every rule set maps it to no
+              mesh axis, since each scan step needs its whole block's weights.
 
 Mesh axes
 ---------
@@ -76,6 +79,7 @@ LOGICAL_AXES: tuple[str, ...] = (
     "cache",
     "norm",
     "conv_in",
+    "layers",
 )
 
 
@@ -98,10 +102,12 @@ Rules = tuple[Rule, ...]
 _BATCH = ("dcn", "data", "fsdp")
 
 DATA_PARALLEL: Rules = (
+    ("layers", None),  # scanned layers' stacked axis: never sharded
     ("batch", _BATCH),
 )
 
 FSDP: Rules = (
+    ("layers", None),  # scanned layers' stacked axis: never sharded
     ("batch", _BATCH),
     ("embed", "fsdp"),
     # Fallbacks for weights with no (divisible) embed dimension.
@@ -113,6 +119,7 @@ FSDP: Rules = (
 )
 
 FSDP_TENSOR: Rules = (
+    ("layers", None),  # scanned layers' stacked axis: never sharded
     ("batch", _BATCH),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -130,6 +137,7 @@ FSDP_TENSOR: Rules = (
 # only cost of splitting them further is the all-gather where they are used: split
 # them over every in-slice axis (never over dcn, whose bandwidth is far lower).
 FROZEN_TOWERS: Rules = (
+    ("layers", None),  # scanned layers' stacked axis: never sharded
     ("batch", _BATCH),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

@@ -27,7 +27,8 @@ cannot be imported into this decoder (only LLaMA-architecture LMs can, see
 ``<|endofchunk|>``, ``<image>`` and ``<PAD>`` (50280 rows, embeddings tied as in MPT).
 
 Overrides: ``get(name, vocab_size=..., media_token_id=..., end_of_chunk_token_id=...,
-max_length=..., dtype=..., attention_backend=..., remat=...)``; any other field of
+max_length=..., dtype=..., attention_backend=..., remat=..., scan_layers=...)`` (``scan_layers``:
+the decoder's layers under ``nn.scan``, see ``mmjax.models.decoder``); any other field of
 ``FlamingoConfig`` (``vision``, ``resampler``, ``decoder``) may be replaced whole.
 """
 
@@ -116,7 +117,7 @@ PUBLISHED_PARAMETERS = {
     "flamingo-80b": "80B (Alayrac et al. 2022)",
 }
 
-_DECODER_OVERRIDES = ("vocab_size", "max_length", "remat")
+_DECODER_OVERRIDES = ("vocab_size", "max_length", "remat", "scan_layers")
 _EVERYWHERE_OVERRIDES = ("dtype", "attention_backend")
 
 

@@ -211,7 +211,7 @@ def param_label(keys: list[str] | tuple[str, ...]) -> str:
     return "vision"
   if keys and keys[0] == "resampler":
     return "resampler"
-  if any(k.startswith("xattn_") for k in keys):
+  if any(k.startswith("xattn") for k in keys):  # xattn_{i}, or blocks/xattn (scan_layers)
     return "xattn"
   return "lm"
 

@@ -5,6 +5,7 @@
       --trainable resampler,xattn --batch 8 --length 512 --mesh fsdp=-1 --rules fsdp
   mmjax compile ... --sweep     # every candidate mesh x rule set; a table
   mmjax compile ... --slices 2  # multislice: dcn axis across 2 slices of the topology
+  mmjax compile ... --scan-layers  # decoder layers under nn.scan: big presets compile in minutes
   mmjax compile --report work/fit_table.jsonl   # the --json lines as a markdown table
 
 Prints per chip: parameter, optimizer-state and temporary bytes, the total against the
@@ -84,6 +85,9 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--num-images", type=int, default=None, help="images per example (default config.data)")
   parser.add_argument("--dtype", default=None, help="compute dtype (default: the config's; bfloat16 on TPU)")
   parser.add_argument("--remat", default=None, help="config.train.remat: none, layers, full, dots")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="decoder layers under nn.scan (model.decoder.scan_layers): one block body "
+                           "compiled instead of depth copies, minutes instead of tens of minutes")
   parser.add_argument("--sweep", action="store_true", help="try every candidate mesh x rule set")
   parser.add_argument("--no-compile", action="store_true",
                       help="only size the sharded parameters and optimizer state (seconds, no peak/FLOPs)")
@@ -103,6 +107,8 @@ def main(argv: list[str]) -> int:
         config.mixed_precision.compute_dtype = args.dtype
       if args.remat:
         config.train.remat = args.remat
+      if args.scan_layers:
+        config.model.decoder.scan_layers = True
     trainable = (frozenset(t for t in args.trainable.split(",") if t) if args.trainable
                  else optimizer.parse_stages(str(config.freeze.stages))[0].trainable)
     batch = args.batch or int(config.data.batch_size)
@@ -119,7 +125,7 @@ def main(argv: list[str]) -> int:
   model = args.preset or os.path.basename(args.config)
   print(f"{model}: batch {batch}, text length {length}, {num_images} image(s)/example, "
         f"trainable {','.join(sorted(trainable))}, compute {config.mixed_precision.compute_dtype}, "
-        f"remat {config.train.remat}")
+        f"remat {config.train.remat}, scan_layers {bool(config.model.decoder.get('scan_layers', False))}")
   print(aot.HEADER)
   code = 0
   for mesh, rules, frozen_rules in candidates:
@@ -135,5 +141,7 @@ def main(argv: list[str]) -> int:
     print(fit.row(), flush=True)
     if args.json:
       with open(args.json, "a") as f:
-        f.write(json.dumps({"model": model, **dataclasses.asdict(fit), "fits": fit.fits}) + "\n")
+        f.write(json.dumps({"model": model, **dataclasses.asdict(fit), "fits": fit.fits,
+                            "scan_layers": bool(config.model.decoder.get("scan_layers", False)),
+                            "remat": str(config.train.remat)}) + "\n")
   return code if not args.sweep else 0

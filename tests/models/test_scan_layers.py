@@ -1,0 +1,223 @@
+"""Scanned decoder layers (DecoderConfig.scan_layers): with the same weights (stack_layers
+of the unrolled params) the scanned decoder and the whole Flamingo give the unrolled
+model's logits, gradients and cached generation; the layouts convert exactly both ways;
+labels and shardings see the stacked ``layers`` axis."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import sharding as sh
+from mmjax.infer import Generator
+from mmjax.models.decoder import (Decoder, DecoderConfig, init_decoder_cache, scan_plan, stack_layers,
+                                  unstack_layers, xattn_layer_indices)
+from mmjax.models.flamingo import LABELS, Flamingo, param_labels
+from tests.infer.util import micro_config, random_params
+
+CONFIG = DecoderConfig(vocab_size=40, width=32, depth=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                       mlp_dim=48, max_length=32, rope_theta=1234.0, cross_attn_every_n_layers=2,
+                       xattn_num_heads=2, xattn_head_dim=8, xattn_ff_mult=2, media_width=16)
+
+# (cross_attn_every_n_layers, depth): plain LM, every layer, every 2nd, and a remainder.
+CASES = [(0, 4), (1, 4), (2, 4), (2, 5)]
+
+
+def _configs(n, depth, remat=False):
+  unrolled = dataclasses.replace(CONFIG, cross_attn_every_n_layers=n, depth=depth)
+  return unrolled, dataclasses.replace(unrolled, scan_layers=True, remat=remat)
+
+
+def _decoder_params(config, seed=0):
+  """Random unrolled params (gates open, so the cross-attention matters)."""
+  shapes = nn.unbox(jax.eval_shape(
+      Decoder(config).init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32),
+      image_index=jnp.zeros((1, 3), jnp.int32),
+      media=jnp.zeros((1, 1, 2, 16), jnp.float32) if config.cross_attn_every_n_layers else None))
+  rng = np.random.default_rng(seed)
+  def draw(leaf):
+    fan_in = leaf.shape[0] if len(leaf.shape) > 1 else 1
+    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in) + 0.5 * (len(leaf.shape) == 1)
+            ).astype(np.float32)
+  return jax.tree.map(draw, shapes)
+
+
+def _inputs(seed=1):
+  rng = np.random.default_rng(seed)
+  ids = jnp.asarray(rng.integers(0, 40, (2, 7)), jnp.int32)
+  image_index = jnp.asarray([[0, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+  media = jnp.asarray(rng.standard_normal((2, 2, 3, 16)), jnp.float32)
+  return ids, image_index, media
+
+
+def _leaves_close(a, b, atol):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("n, depth", CASES)
+def test_scanned_decoder_gives_the_unrolled_logits_and_gradients(n, depth):
+  unrolled, scanned = _configs(n, depth, remat=True)
+  params = _decoder_params(unrolled)
+  stacked = stack_layers(params, scanned)
+  ids, image_index, media = _inputs()
+  media = media if n else None
+  image_index = image_index if n else None
+
+  def loss_and_logits(config, p):
+    def loss(p):
+      logits, _ = Decoder(config).apply(p, ids, image_index=image_index, media=media)
+      return jnp.mean(jnp.square(logits)), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(p)
+
+  (_, want_logits), want_grads = loss_and_logits(unrolled, params)
+  (_, got_logits), got_grads = loss_and_logits(scanned, stacked)
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=0)
+  _leaves_close(unstack_layers(got_grads, scanned), want_grads, atol=1e-5)
+  if n:
+    assert "xattn" in stacked["params"]["blocks"]
+    assert stacked["params"]["blocks"]["xattn"]["attn_gate"].shape == (depth // n, 1)
+  plan = scan_plan(scanned)
+  assert plan.remainder == tuple(range((depth // max(n, 1)) * max(n, 1), depth))
+  assert set(stacked["params"]) >= {f"layers_{i}" for i in plan.remainder}
+
+
+@pytest.mark.parametrize("n, depth", CASES)
+def test_unstack_layers_inverts_stack_layers_exactly(n, depth):
+  unrolled, scanned = _configs(n, depth)
+  params = _decoder_params(unrolled)
+  back = unstack_layers(stack_layers(params, scanned), scanned)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    assert type(x) is type(y) and x.dtype == y.dtype
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("n, depth", CASES)
+def test_stacked_tree_has_the_shapes_the_scanned_model_initialises(n, depth):
+  unrolled, scanned = _configs(n, depth)
+  ids, image_index, media = _inputs()
+  want = nn.unbox(jax.eval_shape(Decoder(scanned).init, jax.random.key(0), ids,
+                                 image_index=image_index if n else None, media=media if n else None))
+  got = stack_layers(_decoder_params(unrolled), scanned)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert [x.shape for x in jax.tree.leaves(got)] == [x.shape for x in jax.tree.leaves(want)]
+
+
+@pytest.mark.parametrize("n, depth", [(2, 4), (2, 5)])
+def test_scanned_cached_decoding_and_media_kv_give_the_unrolled_logits(n, depth):
+  unrolled, scanned = _configs(n, depth)
+  params = _decoder_params(unrolled)
+  stacked = stack_layers(params, scanned)
+  ids, image_index, media = _inputs()
+  want, _ = Decoder(unrolled).apply(params, ids, image_index=image_index, media=media)
+
+  model = Decoder(scanned)
+  media_kv = model.apply(stacked, media, method=Decoder.compute_media_kv)
+  assert media_kv["blocks"]["key"].shape[0] == depth // n
+  step = jax.jit(lambda ids, ii, pos, cache: model.apply(
+      stacked, ids, image_index=ii, media_kv=media_kv, positions=pos, cache=cache))
+  cache = init_decoder_cache(scanned, 2, 16)
+  pos = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (2, 4))
+  logits, cache = step(ids[:, :4], image_index[:, :4], pos, cache)
+  steps = [logits]
+  for t in range(4, 7):
+    logits, cache = step(ids[:, t:t + 1], image_index[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache)
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), want, atol=2e-5, rtol=0)
+
+
+def test_scanned_decoder_rejects_an_unrolled_cache():
+  unrolled, scanned = _configs(2, 5)
+  ids, image_index, media = _inputs()
+  stacked = stack_layers(_decoder_params(unrolled), scanned)
+  with pytest.raises(ValueError, match="cache has entries"):
+    Decoder(scanned).apply(stacked, ids, image_index=image_index, media=media,
+                           cache=init_decoder_cache(unrolled, 2, 16))
+
+
+@pytest.mark.parametrize("n, depth", [(2, 4), (2, 5), (1, 3)])
+def test_scanned_flamingo_gives_the_unrolled_logits_and_gradients(n, depth):
+  config = micro_config(cross_attn_every_n_layers=n, depth=depth)
+  scanned = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, scan_layers=True,
+                                                                    remat=True))
+  params = random_params(config)
+  stacked = stack_layers(params, scanned)
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.integers(0, 256, (2, 1, 16, 16, 3)), jnp.uint8)
+  ids = jnp.asarray(rng.integers(6, 64, (2, 6)), jnp.int32).at[:, 1].set(config.media_token_id)
+
+  def run(cfg, p):
+    def loss(p):
+      logits = Flamingo(cfg).apply(p, images, ids)
+      return jnp.mean(jnp.square(logits)), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(p)
+
+  (_, want), want_grads = run(config, params)
+  (_, got), got_grads = run(scanned, stacked)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  _leaves_close(unstack_layers(got_grads, scanned), want_grads, atol=1e-5)
+
+
+def test_scanned_flamingo_generates_the_unrolled_greedy_tokens():
+  config = micro_config(cross_attn_every_n_layers=2, depth=5)
+  scanned = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, scan_layers=True))
+  params = random_params(config)
+  rng = np.random.default_rng(4)
+  images = rng.integers(0, 256, (2, 1, 16, 16, 3)).astype(np.uint8)
+  prompt = rng.integers(6, 64, (2, 5)).astype(np.int32)
+  prompt[:, 0] = config.media_token_id
+  kwargs = dict(prompt_lengths=[5, 3], max_new_tokens=6)
+  want = Generator(config, prompt_buckets=(8,), length_buckets=(16,)).generate(params, images, prompt, **kwargs)
+  got = Generator(scanned, prompt_buckets=(8,), length_buckets=(16,)).generate(
+      stack_layers(params, scanned), images, prompt, **kwargs)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+
+
+def test_param_labels_of_stacked_params_match_the_layers_they_came_from():
+  config = micro_config(cross_attn_every_n_layers=2, depth=5)
+  scanned = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, scan_layers=True))
+  params = random_params(config)
+  # Labels as integer codes, so stack_layers can carry them to where each layer went.
+  codes = jax.tree.map(lambda label: np.asarray(LABELS.index(label), np.int32), param_labels(params))
+  want = stack_layers(codes, scanned)
+  got = param_labels(stack_layers(params, scanned))
+  assert jax.tree.structure(got) == jax.tree.structure(want, is_leaf=lambda x: isinstance(x, np.ndarray))
+  for label, code in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.all(code == LABELS.index(label))
+  flat = jax.tree_util.tree_flatten_with_path(got)[0]
+  xattn = {jax.tree_util.keystr(p) for p, label in flat if label == "xattn"}
+  assert xattn and all("'blocks']['xattn']" in p for p in xattn)
+
+
+@pytest.mark.parametrize("rules", sorted(sh.RULE_SETS))
+def test_stacked_kernels_keep_the_layers_axis_unsharded(rules):
+  unrolled, scanned = _configs(2, 5)
+  ids, image_index, media = _inputs()
+  init = lambda cfg: jax.eval_shape(Decoder(cfg).init, jax.random.key(0), ids, image_index=image_index,
+                                    media=media)["params"]
+  mesh = sh.make_mesh({"fsdp": 4, "tensor": 2})
+  got = sh.param_shardings(init(scanned), mesh, sh.get_rules(rules))
+  want = sh.param_shardings(init(unrolled), mesh, sh.get_rules(rules))
+  boxed = init(scanned)["blocks"]["layers_0"]["attn"]["query"]["kernel"]
+  assert boxed.names == ("layers", "embed", "heads", "kv")
+  assert nn.get_partition_spec(boxed)[0] == "layers"
+  for name in ("layers_0", "layers_1"):
+    for path in (("attn", "query", "kernel"), ("mlp", "down_proj", "kernel")):
+      spec = _get(got["blocks"][name], path).spec
+      # The layers axis unsharded, the others split as the unrolled layer's kernel.
+      assert spec[0] is None
+      assert tuple(spec[1:]) == tuple(_get(want[name], path).spec)
+  assert got["blocks"]["xattn"]["attn"]["to_q"]["kernel"].spec[0] is None
+  assert xattn_layer_indices(scanned) == (1, 3)
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
