@@ -269,13 +269,19 @@ class DecoderBlock(nn.Module):
 
   def setup(self):
     c = self.config
+    from mmjax.models.gated_xattn import GatedXAttnDense  # pylint: disable=g-import-not-at-top
     # prevent_cse=False: inside scan the loop already keeps XLA from merging the
     # recomputation with the forward pass (flax's advice for remat inside scan).
-    layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if c.remat else DecoderLayer
+    # What the scan's forward pass keeps for the backward is stacked over the blocks as
+    # a loop output, which XLA cannot recompute or share with the parameters: left to
+    # itself it would keep a bf16 (all-gathered) copy of every block's weights. Layers
+    # that are not fully rematerialised therefore save only their matmul outputs
+    # (dots_saveable), recomputing the weight casts and gathers in the backward pass.
+    keep_dots = dict(prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
+    layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if c.remat else nn.remat(DecoderLayer, **keep_dots)
     self.layers = [layer_cls(c) for _ in range(self.size)]
     if self.with_xattn:
-      from mmjax.models.gated_xattn import GatedXAttnDense  # pylint: disable=g-import-not-at-top
-      self.xattn = GatedXAttnDense(xattn_config(c))
+      self.xattn = nn.remat(GatedXAttnDense, **keep_dots)(xattn_config(c))
 
   def __call__(self, x: jax.Array, shared: tuple, scanned: dict):
     """x [B, T, D]; shared = (positions, image_index, media); scanned = {"cache": this
