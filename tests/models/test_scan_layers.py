@@ -108,7 +108,7 @@ def test_stacked_tree_has_the_shapes_the_scanned_model_initialises(n, depth):
   assert [x.shape for x in jax.tree.leaves(got)] == [x.shape for x in jax.tree.leaves(want)]
 
 
-@pytest.mark.parametrize("n, depth", [(2, 4), (2, 5)])
+@pytest.mark.parametrize("n, depth", [(2, 5)])
 def test_scanned_cached_decoding_and_media_kv_give_the_unrolled_logits(n, depth):
   unrolled, scanned = _configs(n, depth)
   params = _decoder_params(unrolled)
@@ -140,7 +140,7 @@ def test_scanned_decoder_rejects_an_unrolled_cache():
                            cache=init_decoder_cache(unrolled, 2, 16))
 
 
-@pytest.mark.parametrize("n, depth", [(2, 4), (2, 5), (1, 3)])
+@pytest.mark.parametrize("n, depth", [(2, 5)])
 def test_scanned_flamingo_gives_the_unrolled_logits_and_gradients(n, depth):
   config = micro_config(cross_attn_every_n_layers=n, depth=depth)
   scanned = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, scan_layers=True,
