@@ -33,6 +33,11 @@ row() {
     80b-v5e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x8 --batch 128 "${RECIPE[@]}" ;;
     80b-v5p) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5p:2x2x4 --batch 32 "${RECIPE[@]}" ;;
     80b-v6e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v6e:4x8 --batch 64 "${RECIPE[@]}" ;;
+    # The next smaller slices, compiled to show they do not fit.
+    80b-v5e-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:4x8 --batch 64 "${RECIPE[@]}" ;;
+    80b-v5p-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5p:2x2x2 --batch 16 "${RECIPE[@]}" ;;
+    80b-v6e-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v6e:4x4 --batch 32 "${RECIPE[@]}" ;;
+    9b-v5e-scan) "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5e:2x4 --batch 16 "${RECIPE[@]}" ;;
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }

@@ -40,7 +40,7 @@ from typing import Any
 from mmjax.convert import hf_llama, hf_vision
 from mmjax.convert import open_flamingo as of_convert
 from mmjax.convert.state_dict import to_numpy
-from mmjax.models.decoder import xattn_config, xattn_layer_indices
+from mmjax.models.decoder import stack_layers, xattn_config, xattn_layer_indices
 from mmjax.models.flamingo import FlamingoConfig
 
 VISION_PREFIX = "vision_encoder."
@@ -135,7 +135,8 @@ def flamingo_from_state_dict(
   """OpenFlamingo state_dict (torch tensors or numpy arrays) -> ``Flamingo(config)`` params.
 
   Returns a plain dict {"vision", "resampler", "decoder"} with the tree structure of
-  ``nn.unbox(Flamingo(config).init(...)["params"])``.
+  ``nn.unbox(Flamingo(config).init(...)["params"])`` (the decoder's layers stacked when
+  ``config.decoder.scan_layers``, see ``mmjax.models.decoder.stack_layers``).
   """
   consumed: set[str] = set()
   if VISION_PREFIX + "conv1.weight" in sd:  # open_clip layout
@@ -181,4 +182,7 @@ def flamingo_from_state_dict(
         f"cannot convert an OpenFlamingo state_dict: unexpected keys ({len(unexpected)}), not"
         f" under {VISION_PREFIX!r}, 'perceiver.' or {LM_PREFIX!r} or not explained there: "
         + ", ".join(unexpected))
-  return {"vision": vision, "resampler": resampler, "decoder": {**lm, **xattn}}
+  decoder = {**lm, **xattn}
+  if config.decoder.scan_layers:
+    decoder = stack_layers(decoder, config.decoder)
+  return {"vision": vision, "resampler": resampler, "decoder": decoder}

@@ -234,22 +234,37 @@ def unstack_layers(params: Any, config: Any) -> Any:
   return _decoder_subtree(params, rebuild)
 
 
+def _read_after(x: jax.Array, module_cls):
+  """``module_cls`` whose parameters are read through an optimization barrier with x.
+
+  Inside a scanned block XLA would otherwise cast (and all-gather) the weights of every
+  layer of the block as soon as the loop step starts, or hoist the casts out of the loop
+  altogether, keeping a bf16 copy of the whole stack: tying each layer's weights to its
+  input bounds the live gathered weights to about one layer.
+  """
+  return nn.map_variables(module_cls, "params", init=True, mutable=True,
+                          trans_in_fn=lambda v: jax.lax.optimization_barrier((x, v))[1])
+
+
 class DecoderLayer(nn.Module):
   """Pre-norm block: x + attn(attn_norm(x)), then + mlp(mlp_norm(x)). Returns (x, cache)."""
 
   config: DecoderConfig
+  # Read the weights only once x is ready (_read_after; the scanned layout sets it).
+  weights_after_input: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None):
     c = self.config
-    h = RMSNorm(eps=c.norm_eps, dtype=c.dtype, name="attn_norm")(x)
-    h, cache = Attention(
+    tie = (lambda cls: _read_after(x, cls)) if self.weights_after_input else (lambda cls: cls)
+    h = tie(RMSNorm)(eps=c.norm_eps, dtype=c.dtype, name="attn_norm")(x)
+    h, cache = tie(Attention)(
         num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads,
         rope_theta=c.rope_theta, dtype=c.dtype, backend=c.attention_backend, name="attn",
     )(h, causal=True, positions=positions, cache=cache)
     x = x + h
-    h = RMSNorm(eps=c.norm_eps, dtype=c.dtype, name="mlp_norm")(x)
-    x = x + SwiGLU(mlp_dim=c.mlp_dim, dtype=c.dtype, name="mlp")(h)
+    h = tie(RMSNorm)(eps=c.norm_eps, dtype=c.dtype, name="mlp_norm")(x)
+    x = x + tie(SwiGLU)(mlp_dim=c.mlp_dim, dtype=c.dtype, name="mlp")(h)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, cache
 
@@ -279,9 +294,14 @@ class DecoderBlock(nn.Module):
     # (dots_saveable), recomputing the weight casts and gathers in the backward pass.
     keep_dots = dict(prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
     layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if c.remat else nn.remat(DecoderLayer, **keep_dots)
-    self.layers = [layer_cls(c) for _ in range(self.size)]
+    self.layers = [layer_cls(c, weights_after_input=True) for _ in range(self.size)]
     if self.with_xattn:
-      self.xattn = nn.remat(GatedXAttnDense, **keep_dots)(xattn_config(c))
+      # Its weights through a barrier too, so that XLA cannot hoist their casts out of
+      # the loop (one block's cross-attention may still be gathered early).
+      barrier = nn.map_variables(GatedXAttnDense, "params", init=True, mutable=True,
+                                 trans_in_fn=jax.lax.optimization_barrier,
+                                 methods=["__call__", "compute_media_kv"])
+      self.xattn = nn.remat(barrier, **keep_dots)(xattn_config(c))
 
   def __call__(self, x: jax.Array, shared: tuple, scanned: dict):
     """x [B, T, D]; shared = (positions, image_index, media); scanned = {"cache": this
@@ -310,14 +330,8 @@ class DecoderBlock(nn.Module):
 
 
 def _scanned_blocks(config: DecoderConfig, plan: ScanPlan, name: str) -> nn.Module:
-  # Each step reads its block's weights through an optimization barrier: otherwise XLA
-  # hoists the bf16 casts out of the loop and keeps a cast copy of the whole stack
-  # (36 GiB per chip for Flamingo-80B on 4 v5p chips) instead of one block's.
-  barrier = nn.map_variables(
-      DecoderBlock, "params", trans_in_fn=jax.lax.optimization_barrier, init=True, mutable=True,
-      methods=["__call__", "media_kv"])
   scanned = nn.scan(
-      barrier,
+      DecoderBlock,
       variable_axes={"params": 0},
       split_rngs={"params": True},
       in_axes=(nn.broadcast, 0),
