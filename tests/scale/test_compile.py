@@ -58,3 +58,19 @@ def test_fsdp_per_chip_parameter_and_optimizer_bytes_fall_7x_from_4_to_32_chips(
   assert fits[0].chips == 4 and fits[1].chips == 32
   assert small / large >= 7.0, small / large
   assert fits[0].fits is None  # not compiled: no peak to judge
+
+
+def test_scan_layers_compiles_with_the_unrolled_state_bytes_and_flops(tmp_path):
+  # flamingo-tiny scanned (2 blocks of 2 layers) vs unrolled: the same sharded state, and
+  # XLA's count (loop body once) plus scan_flops_correction close to the unrolled count.
+  import json
+  out = tmp_path / "fit.jsonl"
+  args = ["--config", "configs/flamingo/tiny.py", "--topology", "v5e:2x2", "--batch", "8",
+          "--trainable", "resampler,xattn", "--remat", "layers", "--json", str(out)]
+  assert compile_cli.main(args) == 0
+  assert compile_cli.main(args + ["--scan-layers"]) == 0
+  unrolled, scanned = (json.loads(line) for line in out.read_text().splitlines())
+  assert not unrolled["scan_layers"] and scanned["scan_layers"]
+  assert scanned["param_bytes"] == unrolled["param_bytes"] and scanned["opt_bytes"] == unrolled["opt_bytes"]
+  assert unrolled["scan_flops_added"] == 0 < scanned["scan_flops_added"]
+  assert scanned["flops_per_chip"] == pytest.approx(unrolled["flops_per_chip"], rel=0.1)
