@@ -15,20 +15,21 @@ places them: ``(i + 1) % cross_attn_every_n_layers == 0``); ``norm``; ``lm_head`
 Scanned layout (``scan_layers=True``). The layers run under ``flax.linen.scan`` so that
 the compiled program holds one block body instead of ``depth`` copies. With n =
 ``cross_attn_every_n_layers`` (n = 0 counts as blocks of one plain layer) the decoder is
-G = depth // n *blocks* of n LM layers, the cross-attention before each block's last
+num_blocks = depth // n *blocks* of n LM layers, the cross-attention before each block's last
 layer (LM layer g*n + n-1: the same placement as above), then depth % n remainder layers
-without cross-attention, unscanned. Parameters:
+without cross-attention, unscanned. ``remat`` applies per LM layer inside the scan. Parameters:
 
 - ``blocks`` {``layers_{j}`` (j < n; the LM layer g*n + j of block g), ``xattn`` (the
   ``xattn_{g*n + n-1}`` of block g, absent when n = 0)}: every leaf gets a leading axis of
-  size G, logical name ``layers`` (never sharded);
-- ``layers_{i}`` for the remainder i >= G*n, unstacked, as in the unrolled layout;
+  size num_blocks, logical name ``layers`` (never sharded);
+- ``layers_{i}`` for the remainder i >= num_blocks*n, unstacked, as in the unrolled layout;
 - ``embed``, ``norm``, ``lm_head`` as above.
 
 :func:`stack_layers` / :func:`unstack_layers` convert between the two layouts exactly.
 The KV cache (:func:`init_decoder_cache`) and ``compute_media_kv`` follow the same layout:
-``{"blocks": {"layers_{j}": {"key", "value": [G, B, S, G, K]}}, "layers_{i}": ...}`` and
-``{"blocks": {"key", "value": [G, B, N*L, H, K], "key_image_ids": [G, B, N*L]}}``.
+``{"blocks": {"layers_{j}": {"key", "value": [num_blocks, B, S, G, K]}}, "layers_{i}": ...}``
+and ``{"blocks": {"key", "value": [num_blocks, B, N*L, H, K], "key_image_ids": [num_blocks,
+B, N*L]}}``.
 """
 
 from __future__ import annotations
