@@ -7,7 +7,9 @@
 # example, 2 examples per chip; decoder layers under nn.scan (--scan-layers: one block body
 # compiled instead of one per layer, which is what lets Flamingo-80B compile at all; the
 # unscanned OpenFlamingo-3B row took 1832 s, see launch/fit_results.jsonl).
+# SCAN= (empty) compiles the unrolled decoder instead (the 9b-v5e and 9b-v6e README rows).
 #   launch/fit_table.sh [ROW ...]     rows: scale-tiny scale-3b 3b-v5e 3b-v5p 3b-v6e 9b-v5e 9b-v5p 9b-v6e 80b-v5e 80b-v5p 80b-v6e
+#     and the next smaller slices: 80b-v5e-small 80b-v5p-small 80b-v6e-small; 80b-v5p-16 80b-v5e-fsdp 80b-v5e-small-fsdp
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MMJAX="${MMJAX:-.venv/bin/mmjax}"
@@ -15,8 +17,9 @@ OUT="${OUT:-work/fit_table.jsonl}"
 mkdir -p "$(dirname "$OUT")"
 export JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1
 CFG=configs/flamingo/tiny.py
+SCAN="${SCAN---scan-layers}"
 RECIPE=(--trainable resampler,xattn --length 512 --num-images 1 --dtype bfloat16 --remat layers
-        --scan-layers --mesh fsdp=-1 --rules fsdp --frozen-rules frozen_towers --json "$OUT")
+        ${SCAN} --mesh fsdp=-1 --rules fsdp --frozen-rules frozen_towers --json "$OUT")
 
 row() {
   case "$1" in
@@ -30,18 +33,24 @@ row() {
     9b-v5e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5e:2x2 --batch 8 "${RECIPE[@]}" ;;
     9b-v5p)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5p:2x2x1 --batch 8 "${RECIPE[@]}" ;;
     9b-v6e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v6e:2x2 --batch 8 "${RECIPE[@]}" ;;
-    80b-v5e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x8 --batch 128 "${RECIPE[@]}" ;;
-    80b-v5p) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5p:2x2x4 --batch 32 "${RECIPE[@]}" ;;
+    # v5e: FSDP alone leaves a whole 7-layer block's gathered weights per chip (18G > 16G
+    # on 8x8, 80b-v5e-fsdp), so the 80B rows add 4-way tensor parallelism.
+    80b-v5e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x8 --batch 128 "${RECIPE[@]}" \
+               --mesh fsdp=-1,tensor=4 --rules fsdp_tensor ;;
+    80b-v5e-fsdp) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x8 --batch 128 "${RECIPE[@]}" ;;
+    80b-v5p) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5p:2x2x2 --batch 16 "${RECIPE[@]}" ;;
+    80b-v5p-16) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5p:2x2x4 --batch 32 "${RECIPE[@]}" ;;
     80b-v6e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v6e:4x8 --batch 64 "${RECIPE[@]}" ;;
     # The next smaller slices, compiled to show they do not fit.
-    80b-v5e-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:4x8 --batch 64 "${RECIPE[@]}" ;;
-    80b-v5p-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5p:2x2x2 --batch 16 "${RECIPE[@]}" ;;
+    80b-v5e-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:4x8 --batch 64 "${RECIPE[@]}" \
+                     --mesh fsdp=-1,tensor=4 --rules fsdp_tensor ;;
+    80b-v5e-small-fsdp) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:4x8 --batch 64 "${RECIPE[@]}" ;;
+    80b-v5p-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5p:2x2x1 --batch 8 "${RECIPE[@]}" ;;
     80b-v6e-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v6e:4x4 --batch 32 "${RECIPE[@]}" ;;
-    9b-v5e-scan) "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5e:2x4 --batch 16 "${RECIPE[@]}" ;;
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }
 
 rows=("$@")
-[ ${#rows[@]} -eq 0 ] && rows=(scale-tiny scale-3b 3b-v5p 3b-v6e 9b-v5p 9b-v6e 9b-v5e 80b-v5p 80b-v6e 80b-v5e)
+[ ${#rows[@]} -eq 0 ] && rows=(scale-tiny scale-3b 3b-v5e 3b-v5p 3b-v6e 9b-v5p 80b-v5p 80b-v6e 80b-v5e)
 for r in "${rows[@]}"; do row "$r"; done
