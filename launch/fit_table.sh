@@ -9,7 +9,7 @@
 # unscanned OpenFlamingo-3B row took 1832 s, see launch/fit_results.jsonl).
 # SCAN= (empty) compiles the unrolled decoder instead (the 9b-v5e and 9b-v6e README rows).
 #   launch/fit_table.sh [ROW ...]     rows: scale-tiny scale-3b 3b-v5e 3b-v5p 3b-v6e 9b-v5e 9b-v5p 9b-v6e 80b-v5e 80b-v5p 80b-v6e
-#     and the next smaller slices: 80b-v5e-small 80b-v5p-small 80b-v6e-small; 80b-v5p-16 80b-v5e-fsdp 80b-v5e-small-fsdp
+#     and the next smaller slices: 80b-v5e-small 80b-v5p-small 80b-v6e-small; 80b-v5p-16 80b-v5e-small-tp 80b-v5e-4x8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MMJAX="${MMJAX:-.venv/bin/mmjax}"
@@ -33,18 +33,17 @@ row() {
     9b-v5e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5e:2x2 --batch 8 "${RECIPE[@]}" ;;
     9b-v5p)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5p:2x2x1 --batch 8 "${RECIPE[@]}" ;;
     9b-v6e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v6e:2x2 --batch 8 "${RECIPE[@]}" ;;
-    # v5e: FSDP alone leaves a whole 7-layer block's gathered weights per chip (18G > 16G
-    # on 8x8, 80b-v5e-fsdp), so the 80B rows add 4-way tensor parallelism.
-    80b-v5e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x8 --batch 128 "${RECIPE[@]}" \
-               --mesh fsdp=-1,tensor=4 --rules fsdp_tensor ;;
-    80b-v5e-fsdp) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x8 --batch 128 "${RECIPE[@]}" ;;
+    # v5e: every chip holds a whole 7-layer block's gathered weights (about 12G of
+    # temporaries whatever the slice), so 80B needs 128 chips for the state to fit beside.
+    80b-v5e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x16 --batch 256 "${RECIPE[@]}" ;;
     80b-v5p) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5p:2x2x2 --batch 16 "${RECIPE[@]}" ;;
     80b-v5p-16) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5p:2x2x4 --batch 32 "${RECIPE[@]}" ;;
     80b-v6e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v6e:4x8 --batch 64 "${RECIPE[@]}" ;;
     # The next smaller slices, compiled to show they do not fit.
-    80b-v5e-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:4x8 --batch 64 "${RECIPE[@]}" \
-                     --mesh fsdp=-1,tensor=4 --rules fsdp_tensor ;;
-    80b-v5e-small-fsdp) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:4x8 --batch 64 "${RECIPE[@]}" ;;
+    80b-v5e-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x8 --batch 128 "${RECIPE[@]}" ;;
+    80b-v5e-small-tp) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x8 --batch 128 "${RECIPE[@]}" \
+                        --mesh fsdp=-1,tensor=4 --rules fsdp_tensor ;;
+    80b-v5e-4x8) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:4x8 --batch 64 "${RECIPE[@]}" ;;
     80b-v5p-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5p:2x2x1 --batch 8 "${RECIPE[@]}" ;;
     80b-v6e-small) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v6e:4x4 --batch 32 "${RECIPE[@]}" ;;
     *) echo "unknown row $1" >&2; return 2 ;;
