@@ -219,6 +219,13 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _say(message: str):
+  """A line on stdout from process 0 (and in the log)."""
+  log.info(message)
+  if jax.process_index() == 0:
+    print(f"mmjax train: {message}", flush=True)
+
+
 def _fmt_policy(config) -> str:
   policy = str(config.train.nan_policy)
   if policy not in ("stop", "skip"):
@@ -256,8 +263,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         f" {batch_axes} of the mesh {dict(mesh.shape)}: use a multiple of {split}, or a mesh with fewer"
         f" batch-parallel devices (--config.mesh.*, e.g. --config.mesh.num_devices=N on one process)")
   put = BatchFeeder(mesh, rules, per_process)
-  log.info("mesh %s (%d processes), rules %s", dict(mesh.shape), jax.process_count(),
-           config.get("sharding", {}).get("rules", "fsdp") if config.get("sharding", None) else "fsdp")
+  _say(f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices in {jax.process_count()} process"
+       f"{'es' if jax.process_count() > 1 else ''}; rules {(config.get('sharding', None) or {}).get('rules', 'fsdp')}")
 
   def abstract_state(i, step=0):
     return jax.eval_shape(lambda: state_lib.create(task.init_params(init_key), txs[i], seed, step))
@@ -295,7 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     step, state, data_state = restored
     data.set_state(own_data_state(data_state, per_process))
     opt_stage = optimizer_lib.stage_index(stages, max(step - 1, 0))
-    log.info("resumed from step %d", step)
+    _say(f"resumed from step {step}")
   else:
     step = 0
     sshard, pshard = state_shardings(0)
