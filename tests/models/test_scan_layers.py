@@ -221,3 +221,20 @@ def _get(tree, path):
   for key in path:
     tree = tree[key]
   return tree
+
+
+@pytest.mark.parametrize("n,depth", [(1, 4), (2, 4), (2, 5)])
+def test_gate_metrics_of_stacked_params_are_per_layer_under_the_unrolled_names(n, depth):
+  from mmjax.train.step import gate_values
+  unrolled, _ = _configs(n, depth)
+  params = _decoder_params(unrolled, seed=3)["params"]
+  # Distinct gate values per layer, so a mix-up of layers (or an average) cannot pass.
+  for k, i in enumerate(xattn_layer_indices(unrolled)):
+    params[f"xattn_{i}"]["attn_gate"] = np.full((1,), 0.1 * (k + 1), np.float32)
+    params[f"xattn_{i}"]["ff_gate"] = np.full((1,), -0.05 * (k + 1), np.float32)
+  want = gate_values({"decoder": params})
+  got = gate_values({"decoder": stack_layers(params, unrolled)})
+  assert sorted(got) == sorted(want) == sorted(
+      f"gate/decoder/xattn_{i}/{g}" for i in xattn_layer_indices(unrolled) for g in ("attn_gate", "ff_gate"))
+  for key in want:
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=0, atol=0, err_msg=key)
