@@ -6,6 +6,9 @@ GQA self-attention, SwiGLU, vocabulary) but not Flamingo's numerics. It plugs in
 trainer's real `make_train_step` / `make_transform`, with the same component labels
 (`vision`, `resampler`, `xattn`, `lm`).
 
+Keep it off 3-axis meshes: its pooled media hit an XLA partitioner bug there and its
+resampler gradients come out wrong on data x fsdp x tensor = 2x2x2 (docs/sharding_notes.md).
+
 Dimension letters: B batch, N images, T text length, P patches, L latents, D width.
 """
 
