@@ -1,6 +1,6 @@
 """`mmjax train` itself under `mmjax launch local`: 2 processes x 4 CPU devices (gloo)
 train like 1 process x 8 devices, and each one resumes the other's checkpoint on
-another mesh.
+another mesh; SIGTERM sent to one of two processes stops both at the same step, saved.
 
 `data.shard_by_process=False` makes the batches independent of the process count (every
 process reads the global batch and keeps its rows), so the losses can be compared step
@@ -9,15 +9,18 @@ by step. Every run has a timeout: a hung collective fails the test instead of CI
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from mmjax.data import builders
-from mmjax.scale import launch_cli
+from mmjax.scale import launch_cli, local
 from mmjax.train import cli
 
 pytestmark = pytest.mark.multiprocess
@@ -93,3 +96,57 @@ def test_mmjax_train_on_two_processes_matches_one_and_each_resumes_the_others_ch
   assert len(a) == len(b) == 6
   np.testing.assert_allclose(a[4:], b[4:], rtol=1e-4)
   np.testing.assert_allclose(a[:4], got, rtol=0)  # the resumed runs appended to the metrics
+
+
+def _wait_for_train_step(procs, workdir, step, timeout):
+  """Polls process 0's metrics.jsonl until it records train step `step`."""
+  deadline = time.monotonic() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.monotonic() < deadline:
+    ended = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
+    if ended:
+      raise AssertionError(f"processes ended before step {step}: {ended}")
+    if os.path.exists(path):
+      with open(path) as f:
+        if any(json.loads(line).get("step", -1) >= step for line in f if line.endswith("\n")):
+          return
+    time.sleep(0.1)
+  raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both_and_the_job_resumes_there(data_dir, tmp_path):
+  # TPU maintenance or preemption may signal any one worker: the other must stop with it.
+  data = f"--config.data.dir={data_dir}"
+  workdir = tmp_path / "run"
+  command = [*MMJAX, f"--workdir={workdir}", *ARGS, data, "--config.train.num_steps=100000",
+             "--config.checkpoint.every_steps=100000", "--config.mesh.fsdp=-1"]
+  port = local.free_port()
+  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]
+  procs = [subprocess.Popen(command, env=local.process_environ(i, 2, 4, port), stdout=logs[i],
+                            stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
+  try:
+    _wait_for_train_step(procs, str(workdir), 3, TIMEOUT)
+    procs[1].send_signal(signal.SIGTERM)  # the process that does not write the metrics
+    codes = [p.wait(timeout=TIMEOUT) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  texts = []
+  for log in logs:
+    log.seek(0)
+    texts.append(log.read())
+    log.close()
+  assert codes == [0, 0], [t[-3000:] for t in texts]
+  stopped = []
+  for text in texts:
+    found = re.findall(r"preempted \(SIGTERM\), saved at step (\d+)", text)
+    assert len(found) == 1, text[-3000:]
+    stopped.append(int(found[0]))
+  assert stopped[0] == stopped[1] >= 3, stopped
+  step = stopped[0]
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [step]
+
+  log = _two(tmp_path, "resume", workdir, data, f"--config.train.num_steps={step + 2}", "--config.mesh.fsdp=-1")
+  assert f"resumed from step {step}" in log and f"done at step {step + 2} (started at {step})" in log
