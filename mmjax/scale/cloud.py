@@ -5,7 +5,8 @@
   create   a queued resource (default; `--slices N` > 1 makes a multislice request with
            `--node-count N --node-prefix NAME`, nodes NAME-0 .. NAME-{N-1}), or with
            `--no-queue` a plain `tpu-vm create` (one slice)
-  install  `pip install` mmjax on every worker of every slice (`--worker=all`)
+  install  `pip install` mmjax on every worker of every slice (`--worker=all`), and copy
+           the `--config` file there when it is not one mmjax ships (see `worker_config`)
   train    `mmjax train ARGS` on every worker at once, with `MMJAX_DISTRIBUTED=auto`
            (`jax.distributed.initialize()` reads the TPU metadata; on a multislice
            queued resource the runtime sets the MEGASCALE_* variables that join slices
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shlex
 import subprocess
@@ -36,6 +38,8 @@ RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "
                     "v6e": "v2-alpha-tpuv6e"}
 # Each worker's training log, in its home directory.
 LOG = "mmjax-train.log"
+# Where a config file that mmjax does not ship is copied on each worker (home-relative).
+WORKER_CONFIG_DIR = "mmjax-configs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,44 @@ class TpuJob:
     return self.runtime_version or RUNTIME_VERSIONS[self.accelerator.generation]
 
 
+def _config_value(args: tuple[str, ...]) -> tuple[tuple[str, ...], int, str] | None:
+  """(args with `--config V` written as `--config=V`, its index, V), or None."""
+  for i, a in enumerate(args):
+    if a == "--config" and i + 1 < len(args):
+      args = (*args[:i], f"--config={args[i + 1]}", *args[i + 2:])
+    if args[i].startswith("--config="):
+      return args, i, args[i][len("--config="):]
+  return None
+
+
+def worker_config(train_args: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+  """(local config file to copy to the workers or None, the train arguments the workers run).
+
+  The workers pip-install mmjax; they do not have this machine's files. A `--config` file
+  identical to a config mmjax ships becomes its name (`flamingo/tiny`), which every install
+  resolves; any other local file (your experiment, an edited copy) is copied to
+  `~/mmjax-configs/` on every worker and the argument points there. A copied config must
+  not read files next to it (import mmjax, or a shipped config as `mmjax.configs...`).
+  Values that are not local files are passed unchanged (a name, or a path on the workers).
+  """
+  found = _config_value(train_args)
+  if found is None:
+    return None, train_args
+  train_args, i, value = found
+  path, sep, arg = value.partition(":")
+  if not os.path.isfile(path):
+    return None, train_args
+  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    mine = f.read()
+  for name in config_lib.builtin_configs():
+    with open(config_lib.resolve_config_path(name), "rb") as f:
+      if f.read() == mine:
+        return None, (*train_args[:i], f"--config={name}{sep}{arg}", *train_args[i + 1:])
+  remote = f"{WORKER_CONFIG_DIR}/{os.path.basename(path)}"
+  return path, (*train_args[:i], f"--config={remote}{sep}{arg}", *train_args[i + 1:])
+
+
 def create_commands(job: TpuJob) -> list[list[str]]:
   if not job.queued:
     return [["gcloud", "compute", "tpus", "tpu-vm", "create", job.name, *job.where,
@@ -130,12 +172,21 @@ def _ssh(job: TpuJob, node: str, command: str, worker: str = "all") -> list[str]
 
 def install_commands(job: TpuJob) -> list[list[str]]:
   pip = f"python3 -m pip install --upgrade pip && python3 -m pip install {shlex.quote(job.package)}"
-  return [_ssh(job, node, pip) for node in job.nodes]
+  local, _ = worker_config(job.train_args)
+  if local is not None:
+    pip += f" && mkdir -p {WORKER_CONFIG_DIR}"
+  out = [_ssh(job, node, pip) for node in job.nodes]
+  if local is not None:
+    out += [["gcloud", "compute", "tpus", "tpu-vm", "scp", local,
+             f"{node}:{WORKER_CONFIG_DIR}/{os.path.basename(local)}", *job.where, "--worker=all"]
+            for node in job.nodes]
+  return out
 
 
 def train_command_line(job: TpuJob) -> str:
   """What runs on each worker."""
-  train = shlex.join(["python3", "-m", "mmjax.cli", "train", *job.train_args])
+  _, args = worker_config(job.train_args)
+  train = shlex.join(["python3", "-m", "mmjax.cli", "train", *args])
   return f"export MMJAX_DISTRIBUTED=auto TPU_STDERR_LOG_LEVEL=0; {train} 2>&1 | tee ~/{LOG}"
 
 
@@ -250,7 +301,10 @@ def xpk_commands(action: str, args) -> list[list[str]]:
     return [["xpk", "cluster", "create", *where, f"--tpu-type={args.tpu_type}",
              f"--num-slices={args.slices}"] + ([f"--{args.provisioning}"] if args.provisioning else [])]
   if action == "run":
-    train = shlex.join(["python3", "-m", "mmjax.cli", "train", *args.train_args])
+    # A shipped config goes by its name; any other file must be in the image, at that path.
+    local, worker_args = worker_config(tuple(args.train_args))
+    train = shlex.join(["python3", "-m", "mmjax.cli", "train",
+                        *(worker_args if local is None else args.train_args)])
     return [["xpk", "workload", "create", *where, f"--workload={args.workload}", f"--tpu-type={args.tpu_type}",
              f"--num-slices={args.slices}", f"--docker-image={args.docker_image}",
              f"--command=export MMJAX_DISTRIBUTED=auto; {train}"]]

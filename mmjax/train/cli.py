@@ -16,8 +16,7 @@ import logging
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "configs", "flamingo", "tiny.py")
+TINY = "flamingo/tiny"  # a shipped config (mmjax.train.config.resolve_config_path)
 
 
 def _quiet_tpu_probe():

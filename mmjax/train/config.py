@@ -4,10 +4,16 @@ A config file defines `get_config(arg=None) -> ml_collections.ConfigDict`. The c
 is parsed with `ml_collections.config_flags` on a private `absl.flags.FlagValues`, so every
 field of the config can be overridden with its own type checked (`--config.optimizer.lr=3e-4`)
 and `--config=path.py:arg` passes `arg` to `get_config`.
+
+`--config` takes a file, or the name of a config mmjax ships (`flamingo/tiny`, or its
+repository path `configs/flamingo/tiny.py` from any directory): the repository's
+`configs/` is installed as `mmjax.configs`, so a pip-installed mmjax (a TPU worker, a
+Colab runtime) has them too. A file that exists always wins over a shipped name.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from collections.abc import Sequence
@@ -19,6 +25,51 @@ from ml_collections import config_flags
 RESOLVED_CONFIG = "config.json"
 
 
+def builtin_configs_dir() -> str:
+  """The directory of the configs mmjax ships (the repository's configs/, installed)."""
+  return str(importlib.resources.files("mmjax.configs"))
+
+
+def builtin_configs() -> list[str]:
+  """Names of the shipped configs, e.g. ['flamingo/staged', 'flamingo/tiny']."""
+  root = builtin_configs_dir()
+  names = []
+  for dirpath, _, files in os.walk(root):
+    for f in files:
+      if f.endswith(".py") and f != "__init__.py":
+        names.append(os.path.relpath(os.path.join(dirpath, f[:-3]), root).replace(os.sep, "/"))
+  return sorted(names)
+
+
+def resolve_config_path(value: str) -> str:
+  """`--config`'s value with its file made a real path.
+
+  An existing file is returned as given; otherwise `flamingo/tiny`, `flamingo/tiny.py` or
+  `configs/flamingo/tiny.py` names a shipped config. A `:arg` suffix is kept.
+  """
+  path, sep, arg = value.partition(":")
+  if os.path.isfile(path):
+    return value
+  name = os.path.normpath(path).replace(os.sep, "/")
+  name = name.removeprefix("configs/").removesuffix(".py")
+  shipped = os.path.join(builtin_configs_dir(), *name.split("/")) + ".py"
+  if name and not name.startswith("..") and os.path.isfile(shipped):
+    return shipped + sep + arg
+  raise ValueError(f"--config={value!r}: no such file, and not one of the configs mmjax ships "
+                   f"({', '.join(builtin_configs())})")
+
+
+def _resolve_config_flag(argv: Sequence[str]) -> list[str]:
+  """argv with the value of `--config=V` / `--config V` passed through resolve_config_path."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      out[i] = "--config=" + resolve_config_path(a[len("--config="):])
+    elif a == "--config" and i + 1 < len(out):
+      out[i + 1] = resolve_config_path(out[i + 1])
+  return out
+
+
 def parse_flags(argv: Sequence[str], *, prog: str, extra: dict[str, tuple[str | None, str]] | None = None,
                 require_config: bool = True) -> tuple[ml_collections.ConfigDict | None, dict[str, str | None]]:
   """Parses `--config=FILE [--config.x.y=v ...] [--NAME=value ...]`.
@@ -28,7 +79,7 @@ def parse_flags(argv: Sequence[str], *, prog: str, extra: dict[str, tuple[str | 
   values of the extra flags. Raises ValueError on an unknown flag or a bad override.
   """
   fv = flags.FlagValues()
-  full = [prog, *argv]
+  full = [prog, *_resolve_config_flag(argv)]
   config_flags.DEFINE_config_file("config", default=None, help_string="experiment config file", flag_values=fv,
                                   lock_config=True, sys_argv=full)
   for name, (default, help_) in (extra or {}).items():
@@ -39,7 +90,7 @@ def parse_flags(argv: Sequence[str], *, prog: str, extra: dict[str, tuple[str | 
     raise ValueError(f"{prog}: bad command line {list(argv)}: {e}") from None
   config = fv.config
   if config is None and require_config:
-    raise ValueError(f"{prog}: --config=configs/...py is required")
+    raise ValueError(f"{prog}: --config is required: a config file or one of {', '.join(builtin_configs())}")
   return config, {name: fv[name].value for name in (extra or {})}
 
 

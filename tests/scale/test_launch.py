@@ -5,9 +5,12 @@ import shlex
 import pytest
 
 from mmjax.scale import cloud, launch_cli
+from mmjax.train import config as config_lib
 
 WHERE = ["--zone=us-east5-a", "--project=my-proj"]
 TRAIN = ["--config=configs/flamingo/tiny.py", "--workdir=gs://bucket/run1"]
+# What the workers run: the shipped config by its name (their pip install has it).
+WORKER_TRAIN = ["--config=flamingo/tiny", "--workdir=gs://bucket/run1"]
 
 
 def _dry(capsys, *argv):
@@ -19,7 +22,7 @@ def test_single_v5p_slice_creates_installs_trains_collects_and_deletes(capsys):
   lines = _dry(capsys, "tpu", "all", "--name", "mm", "--accelerator", "v5p-32", "--zone", "us-east5-a",
                "--project", "my-proj", "--provisioning", "spot", "--dry-run", "--", *TRAIN)
   train_cmd = "export MMJAX_DISTRIBUTED=auto TPU_STDERR_LOG_LEVEL=0; " + shlex.join(
-      ["python3", "-m", "mmjax.cli", "train", *TRAIN]) + " 2>&1 | tee ~/mmjax-train.log"
+      ["python3", "-m", "mmjax.cli", "train", *WORKER_TRAIN]) + " 2>&1 | tee ~/mmjax-train.log"
   # v5p-32 is 16 chips on 4 hosts.
   assert lines == [
       ["gcloud", "compute", "tpus", "queued-resources", "create", "mm", *WHERE, "--accelerator-type=v5p-32",
@@ -48,7 +51,7 @@ def test_two_v5e_slices_are_one_multislice_request_and_every_node_runs(capsys):
     assert [line[5] for line in lines] == ["ms-0", "ms-1"]
     assert all(line[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in line
                for line in lines)
-  assert "MMJAX_DISTRIBUTED=auto" in lines[0][-1] and shlex.join(TRAIN) in lines[0][-1]
+  assert "MMJAX_DISTRIBUTED=auto" in lines[0][-1] and shlex.join(WORKER_TRAIN) in lines[0][-1]
   logs = _dry(capsys, "tpu", "logs", "--name", "ms", "--accelerator", "v5e-16", "--slices", "2",
               "--zone", "us-east5-a", "--project", "my-proj", "--dry-run")
   assert len(logs) == 1 + 2 * 4  # mkdir + 2 slices x 4 hosts
@@ -74,7 +77,8 @@ def test_xpk_recipe_creates_the_cluster_runs_the_workload_and_deletes_it(capsys)
   assert _dry(capsys, "xpk", "run", *common, "--docker-image", "gcr.io/p/mmjax:1", "--", *TRAIN) == [
       ["xpk", "workload", "create", *where, "--workload=mmjax-train", "--tpu-type=v5litepod-16", "--num-slices=2",
        "--docker-image=gcr.io/p/mmjax:1",
-       "--command=export MMJAX_DISTRIBUTED=auto; " + shlex.join(["python3", "-m", "mmjax.cli", "train", *TRAIN])]]
+       "--command=export MMJAX_DISTRIBUTED=auto; " + shlex.join(["python3", "-m", "mmjax.cli", "train",
+                                                                 *WORKER_TRAIN])]]
   assert _dry(capsys, "xpk", "delete", *common) == [["xpk", "workload", "delete", *where, "--workload=mmjax-train"]]
 
 
@@ -92,3 +96,22 @@ def test_bad_accelerators_and_multislice_without_a_queue_are_rejected(capsys):
   assert launch_cli.main(["tpu", "create", "--name", "x", "--accelerator", "v5p-32", "--slices", "2", "--no-queue",
                           "--zone", "z", "--project", "p", "--dry-run"]) == 2
   assert "queued resource" in capsys.readouterr().err
+
+
+def test_a_config_mmjax_does_not_ship_is_copied_to_every_worker_and_used_there(capsys, tmp_path):
+  mine = tmp_path / "my_exp.py"
+  with open(config_lib.resolve_config_path("flamingo/tiny")) as f:
+    mine.write_text(f.read() + "\n# my edit\n")
+  common = ["--name", "ms", "--accelerator", "v5litepod-16", "--slices", "2", "--zone", "us-east5-a",
+            "--project", "my-proj", "--dry-run", "--"]
+  lines = _dry(capsys, "tpu", "install", *common, "--config", f"{mine}:arg", "--workdir=gs://b/r")
+  assert lines[0][-1].endswith("python3 -m pip install 'mmjax[tpu]' && mkdir -p mmjax-configs")
+  assert lines[2:] == [["gcloud", "compute", "tpus", "tpu-vm", "scp", str(mine), f"{node}:mmjax-configs/my_exp.py",
+                        *WHERE, "--worker=all"] for node in ("ms-0", "ms-1")]
+  lines = _dry(capsys, "tpu", "train", *common, "--config", f"{mine}:arg", "--workdir=gs://b/r")
+  assert "train --config=mmjax-configs/my_exp.py:arg --workdir=gs://b/r 2>&1" in lines[0][-1]
+  # A path that is not a file here is the workers' business: passed as it is, nothing copied.
+  lines = _dry(capsys, "tpu", "install", *common, "--config=/opt/exp.py")
+  assert len(lines) == 2 and "mkdir" not in lines[0][-1]
+  lines = _dry(capsys, "tpu", "train", *common, "--config=/opt/exp.py")
+  assert "train --config=/opt/exp.py 2>&1" in lines[0][-1]

@@ -1,0 +1,1 @@
+"""Flamingo experiment configs."""
