@@ -88,7 +88,7 @@ def get_config(arg=None):
   c.sharding.frozen_rules = "frozen_towers"
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 6e-3
+  c.optimizer.lr = 3e-3
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.98
   c.optimizer.eps = 1e-8

@@ -71,6 +71,14 @@ class Tokenizer:
     """Text (which may contain `<image>` and `<|endofchunk|>`) -> ids, no BOS/EOS."""
     return list(self._sp.encode(text, out_type=int))
 
+  def encode_prompt(self, text: str) -> list[int]:
+    """A prompt as the pipeline's training sequences begin: BOS, then `encode(text)`.
+
+    Feed a model trained on mmjax's pipeline this, not `encode`: without the BOS it
+    sees a context it never saw in training (every training sequence starts with one).
+    """
+    return [self.bos_id] + self.encode(text)
+
   def decode(self, ids: Iterable[int]) -> str:
     """Ids -> text; padding, BOS and EOS are dropped, `<image>` etc. kept as strings."""
     drop = {self.pad_id, self.bos_id, self.eos_id}

@@ -106,7 +106,7 @@ def generate_main(argv: list[str]) -> int:
     images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC), np.uint8)
                        for f in args.image])
     tok = task_lib.load_tokenizer(config)
-    ids = np.asarray(tok.encode(args.prompt), np.int32)
+    ids = np.asarray(tok.encode_prompt(args.prompt), np.int32)  # BOS first, as in training
     # The cached generator of mmjax.infer: media K/V once, a KV cache, greedy or sampled.
     from mmjax.infer import generate
     out = generate(task_lib.model_config(config, tok), {"params": params}, images[None], ids[None],

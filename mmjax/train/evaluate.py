@@ -51,10 +51,15 @@ class Generator:
 
     self._next_token = next_token
 
+  def encode(self, prompt: str) -> list[int]:
+    """The prompt's ids as the model saw text in training: BOS first (the pipeline's sequences
+    all start with one; without it the model is asked about a context it never saw)."""
+    return self.tokenizer.encode_prompt(prompt)
+
   def generate(self, images: np.ndarray, prompts: list[str], max_new_tokens: int) -> list[str]:
     """images uint8 [B, N, S, S, 3] (each prompt has N `<image>`s), prompts -> continuations."""
     tok = self.tokenizer
-    encoded = [tok.encode(p) for p in prompts]
+    encoded = [self.encode(p) for p in prompts]
     longest = max(len(e) for e in encoded) + max_new_tokens
     t = -(-longest // 16) * 16  # round up: fewer distinct shapes, fewer compiles
     out = []

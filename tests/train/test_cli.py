@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmjax import data as data_lib
 from mmjax.data import builders
 from mmjax.train import cli
 from mmjax.train import config as config_lib
+from mmjax.train import evaluate
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import task as task_lib
 
@@ -96,3 +98,20 @@ def test_a_bad_override_is_one_line_and_status_2(capsys, tmp_path):
   assert cli.train_main([f"--config={cli.TINY}", f"--workdir={tmp_path}", "--config.optimizer.lrr=1"]) == 2
   assert "lrr" in capsys.readouterr().err
   assert cli.eval_main([f"--workdir={tmp_path / 'nothing'}"]) == 2
+
+
+def test_the_evaluator_prompts_a_question_exactly_as_training_sequences_begin(data_dir):
+  # A QA training sequence is BOS <image>Question: ... Answer: <answer><|endofchunk|> EOS;
+  # the evaluator's prompt for the same question must be that sequence up to "Answer:".
+  # (It once lacked the BOS: the blanked model then scored below the text prior.)
+  tok = data_lib.load_tokenizer(data_dir)
+  batch = next(iter(data_lib.make_pipeline(data_dir, "validation", batch_size=4, mixture={"qa": 1.0},
+                                           bucket=data_lib.Bucket(max_images=1, text_length=32, image_size=16))))
+  gen = evaluate.Generator(apply_fn=None, params=None, tokenizer=tok)
+  for row in batch["input_ids"]:
+    text = tok.decode(row)
+    question = text.split("Question: ")[1].split(" Answer:")[0]
+    prompt = gen.encode(data_lib.qa_prompt(question))
+    assert prompt[0] == tok.bos_id
+    assert list(row[:len(prompt)]) == prompt, (text, prompt)
+    assert row[len(prompt)] not in (tok.end_of_chunk_id, tok.eos_id, tok.pad_id)  # the answer comes next
