@@ -2,6 +2,7 @@
 `--config` names that resolve to them from any directory."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -32,9 +33,13 @@ def test_every_package_directory_is_declared_in_pyproject():
 
 
 def test_the_wheel_holds_the_configs_and_every_module(tmp_path):
-  # No build isolation: setuptools comes with the test extra, and nothing is downloaded.
+  # Built from a copy (setuptools writes build/ into the source tree), without build
+  # isolation: setuptools comes with the test extra, and nothing is downloaded.
+  source = tmp_path / "source"
+  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "work", "build", "*.egg-info",
+                                                               "__pycache__"))
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                  str(tmp_path), ROOT], check=True, capture_output=True, timeout=300)
+                  str(tmp_path), str(source)], check=True, capture_output=True, timeout=300)
   (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
   names = set(zipfile.ZipFile(tmp_path / wheel).namelist())
   assert "mmjax/configs/flamingo/tiny.py" in names and "mmjax/configs/flamingo/staged.py" in names
