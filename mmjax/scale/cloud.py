@@ -108,16 +108,6 @@ class TpuJob:
     return self.runtime_version or RUNTIME_VERSIONS[self.accelerator.generation]
 
 
-def _config_value(args: tuple[str, ...]) -> tuple[tuple[str, ...], int, str] | None:
-  """(args with `--config V` written as `--config=V`, its index, V), or None."""
-  for i, a in enumerate(args):
-    if a == "--config" and i + 1 < len(args):
-      args = (*args[:i], f"--config={args[i + 1]}", *args[i + 2:])
-    if args[i].startswith("--config="):
-      return args, i, args[i][len("--config="):]
-  return None
-
-
 def worker_config(train_args: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
   """(local config file to copy to the workers or None, the train arguments the workers run).
 
@@ -128,14 +118,14 @@ def worker_config(train_args: tuple[str, ...]) -> tuple[str | None, tuple[str, .
   not read files next to it (import mmjax, or a shipped config as `mmjax.configs...`).
   Values that are not local files are passed unchanged (a name, or a path on the workers).
   """
-  found = _config_value(train_args)
-  if found is None:
+  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  args, i = config_lib.config_argument(train_args)
+  if i is None:
     return None, train_args
-  train_args, i, value = found
-  path, sep, arg = value.partition(":")
+  train_args = tuple(args)
+  path, sep, arg = args[i][len("--config="):].partition(":")
   if not os.path.isfile(path):
     return None, train_args
-  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   with open(path, "rb") as f:
     mine = f.read()
   for name in config_lib.builtin_configs():

@@ -59,14 +59,22 @@ def resolve_config_path(value: str) -> str:
                    f"({', '.join(builtin_configs())})")
 
 
-def _resolve_config_flag(argv: Sequence[str]) -> list[str]:
-  """argv with the value of `--config=V` / `--config V` passed through resolve_config_path."""
+def config_argument(argv: Sequence[str]) -> tuple[list[str], int | None]:
+  """(argv with `--config V` written as `--config=V`, the index of that argument or None)."""
   out = list(argv)
   for i, a in enumerate(out):
-    if a.startswith("--config="):
-      out[i] = "--config=" + resolve_config_path(a[len("--config="):])
-    elif a == "--config" and i + 1 < len(out):
-      out[i + 1] = resolve_config_path(out[i + 1])
+    if a == "--config" and i + 1 < len(out):
+      out[i:i + 2] = [f"--config={out[i + 1]}"]
+    if out[i].startswith("--config="):
+      return out, i
+  return out, None
+
+
+def _resolve_config_flag(argv: Sequence[str]) -> list[str]:
+  """argv with the value of `--config` passed through resolve_config_path."""
+  out, i = config_argument(argv)
+  if i is not None:
+    out[i] = "--config=" + resolve_config_path(out[i][len("--config="):])
   return out
 
 
