@@ -37,21 +37,36 @@ def process_environ(process_id: int, num_processes: int, devices: int, port: int
   return env
 
 
-def run(command: list[str], *, processes: int, devices: int, log_dir: str, port: int | None = None,
-        timeout: float | None = None, echo: bool = True) -> int:
-  """Runs ``command`` as ``processes`` processes; returns the first non-zero exit code (or 0)."""
+def start(command: list[str], *, processes: int, devices: int, log_dir: str,
+          port: int | None = None) -> list[subprocess.Popen]:
+  """Starts ``command`` as ``processes`` processes, each in its own process group, with
+  its output in ``<log_dir>/process_<i>.log``; `stop` ends them."""
   if processes < 1 or devices < 1:
     raise ValueError(f"processes={processes} and devices={devices} must be >= 1")
   if not command:
     raise ValueError("no command to run")
   os.makedirs(log_dir, exist_ok=True)
   port = port or free_port()
-  procs, logs = [], []
+  procs = []
   for i in range(processes):
-    log = open(os.path.join(log_dir, f"process_{i}.log"), "w")
-    logs.append(log)
-    procs.append(subprocess.Popen(command, env=process_environ(i, processes, devices, port),
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    with open(os.path.join(log_dir, f"process_{i}.log"), "w") as log:  # the child keeps its own handle
+      procs.append(subprocess.Popen(command, env=process_environ(i, processes, devices, port),
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+  return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+  """SIGKILLs the process group of every process `start` made that is still running."""
+  for p in procs:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)  # the process group this launcher created
+      p.wait()
+
+
+def run(command: list[str], *, processes: int, devices: int, log_dir: str, port: int | None = None,
+        timeout: float | None = None, echo: bool = True) -> int:
+  """Runs ``command`` as ``processes`` processes; returns the first non-zero exit code (or 0)."""
+  procs = start(command, processes=processes, devices=devices, log_dir=log_dir, port=port)
   deadline = None if timeout is None else time.monotonic() + timeout
   codes: list[int | None] = [None] * processes
   try:
@@ -68,12 +83,7 @@ def run(command: list[str], *, processes: int, devices: int, log_dir: str, port:
         break
       time.sleep(0.2)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)  # the process group this launcher created
-        p.wait()
-    for log in logs:
-      log.close()
+    stop(procs)
   if echo:
     for i in range(processes):
       with open(os.path.join(log_dir, f"process_{i}.log")) as f:

@@ -120,24 +120,14 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both_and_the_job
   workdir = tmp_path / "run"
   command = [*MMJAX, f"--workdir={workdir}", *ARGS, data, "--config.train.num_steps=100000",
              "--config.checkpoint.every_steps=100000", "--config.mesh.fsdp=-1"]
-  port = local.free_port()
-  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]
-  procs = [subprocess.Popen(command, env=local.process_environ(i, 2, 4, port), stdout=logs[i],
-                            stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
+  procs = local.start(command, processes=2, devices=4, log_dir=str(tmp_path / "logs-sigterm"))
   try:
     _wait_for_train_step(procs, str(workdir), 3, TIMEOUT)
     procs[1].send_signal(signal.SIGTERM)  # the process that does not write the metrics
     codes = [p.wait(timeout=TIMEOUT) for p in procs]
   finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-  texts = []
-  for log in logs:
-    log.seek(0)
-    texts.append(log.read())
-    log.close()
+    local.stop(procs)
+  texts = [(tmp_path / "logs-sigterm" / f"process_{i}.log").read_text() for i in range(2)]
   assert codes == [0, 0], [t[-3000:] for t in texts]
   stopped = []
   for text in texts:
