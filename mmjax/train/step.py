@@ -122,9 +122,14 @@ def make_train_step(*, apply_fn: ApplyFn, tx: optax.GradientTransformation, mask
       (tot, cnt), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
       return (jax.tree.map(jnp.add, g_acc, g), tot_acc + tot, cnt_acc + cnt), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, total, count), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum_steps)))
+    if grad_accum_steps == 1:
+      # No loop of one trip: XLA:CPU runs convolutions inside a while loop 2-3x slower
+      # (a ViT with a convolutional stem: 320 against 132 ms per gradient, batch 32).
+      (total, count), grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+      (grads, total, count), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum_steps)))
     denom = jnp.maximum(count, 1.0)
     loss = total / denom
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
