@@ -204,6 +204,9 @@ def vit_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig, *,
   An open_clip ``VisionTransformer`` state_dict (what a whole OpenFlamingo model holds under
   ``vision_encoder.``) is recognised by its ``conv1.weight`` and read with that layout.
   """
+  if config.stem != "patch":
+    raise ValueError(f"config.stem={config.stem!r}: CLIP and SigLIP checkpoints have a "
+                     "patch-embedding stem, expected 'patch'")
   full_prefix = resolve_prefix(state_dict.keys(), prefix)
   present = {key[len(full_prefix):]: key for key in state_dict if key.startswith(full_prefix)}
   open_clip = is_open_clip_layout(present)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.layers.attention import Attention, dot_product_attention
-from mmjax.layers.embed import PatchEmbed
+from mmjax.layers.embed import ConvStem, PatchEmbed, conv_stem_channels
 from mmjax.layers.linear import dense
 from mmjax.layers.mlp import ACTIVATIONS, Mlp
 from mmjax.layers.norms import LayerNorm
@@ -61,6 +61,10 @@ class ViTConfig:
   activation: str = "quick_gelu"
   # Bias in the patch-embedding convolution (CLIP: no, SigLIP: yes).
   patch_bias: bool = False
+  # 'patch': one patch-sized, patch-strided convolution (every pretrained tower);
+  # 'conv': log2(patch_size) strided 3x3 convolutions (mmjax.layers.embed.ConvStem, Xiao
+  # et al. 2021), for towers trained from scratch: they learn shapes far sooner.
+  stem: str = "patch"
   norm_eps: float = 1e-5
   # Which block's output is returned: -1 the last, -2 the penultimate (BLIP-2, LLaVA).
   output_layer: int = -1
@@ -91,6 +95,10 @@ class ViTConfig:
       raise ValueError(f"image_size={self.image_size} is smaller than patch_size={self.patch_size}")
     if self.width % self.num_heads:
       raise ValueError(f"width={self.width} is not a multiple of num_heads={self.num_heads}")
+    if self.stem not in ("patch", "conv"):
+      raise ValueError(f"stem={self.stem!r}, expected 'patch' or 'conv'")
+    if self.stem == "conv":
+      conv_stem_channels(self.patch_size, self.width)  # raises unless a power of 2
     if self.posemb not in ("learned", "sincos2d"):
       raise ValueError(f"posemb={self.posemb!r}, expected 'learned' or 'sincos2d'")
     if self.activation not in ACTIVATIONS:
@@ -273,7 +281,10 @@ class VisionTransformer(nn.Module):
 
   def setup(self):
     cfg = self.config.validate()
-    self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width, use_bias=cfg.patch_bias, dtype=cfg.dtype)
+    if cfg.stem == "conv":
+      self.patch_embed = ConvStem(cfg.patch_size, cfg.width, dtype=cfg.dtype)
+    else:
+      self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width, use_bias=cfg.patch_bias, dtype=cfg.dtype)
     if cfg.class_token:
       self.cls_token = self.param(
           "cls_token", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("embed",)),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import jax
 
+from mmjax.layers.embed import conv_stem_channels
+
 # Dense bf16 peak FLOP/s per device, by `device.device_kind` prefix.
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -43,6 +45,19 @@ def _mult(trainable: bool, grad_passes: bool) -> int:
   return 3 if trainable else (2 if grad_passes else 1)
 
 
+def stem_flops(v) -> float:
+  """Forward matmul FLOPs of a ViT's stem (`ViTConfig.stem`) on one image."""
+  grid = v.image_size // v.patch_size
+  if v.stem != "conv":
+    return 2 * grid * grid * v.patch_size ** 2 * 3 * v.width
+  total, side, c_in = 0, v.image_size, 3
+  for c_out in conv_stem_channels(v.patch_size, v.width):
+    side //= 2
+    total += 2 * side * side * 9 * c_in * c_out
+    c_in = c_out
+  return total + 2 * grid * grid * c_in * v.width
+
+
 def flamingo_forward_flops(cfg, num_images: int, text_length: int) -> dict[str, list[float]]:
   """Per-example forward matmul FLOPs of each module, in forward order.
 
@@ -56,7 +71,8 @@ def flamingo_forward_flops(cfg, num_images: int, text_length: int) -> dict[str, 
   p = grid * grid + (1 if v.class_token else 0)
   dv = v.width
   vit_layer = 2 * p * dv * 3 * dv + 2 * p * dv * dv + 4 * p * p * dv + 2 * 2 * p * dv * v.mlp_dim
-  vision = n * (2 * grid * grid * v.patch_size ** 2 * 3 * dv + v.depth * vit_layer)
+  stem = stem_flops(v)
+  vision = n * (stem + v.depth * vit_layer)
   inner_r, lat = r.num_heads * r.head_dim, r.num_latents
   res_layer = (2 * lat * r.width * inner_r + 2 * (p + lat) * r.width * 2 * inner_r + 2 * lat * inner_r * r.width
                + 4 * lat * (p + lat) * inner_r + 2 * 2 * lat * r.width * r.ff_mult * r.width)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
 from mmjax.layers.posemb import sincos_2d
 from mmjax.models import vit
@@ -138,13 +139,34 @@ def _np_gelu_tanh(x):
   return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
+def _np_conv_stem(p, images: np.ndarray) -> np.ndarray:
+  """float64 ConvStem: 3x3 stride-2 convolutions padded by 1, exact GELU, then a 1x1."""
+  x = images
+  i = 0
+  while f"conv_{i}_kernel" in p:
+    kernel, (b, h, w, _) = p[f"conv_{i}_kernel"], x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((b, h // 2, w // 2, kernel.shape[-1]))
+    for dy in range(3):
+      for dx in range(3):
+        out += padded[:, dy:dy + h:2, dx:dx + w:2, :] @ kernel[dy, dx]
+    out += p[f"conv_{i}_bias"]
+    x = 0.5 * out * (1 + scipy.special.erf(out / np.sqrt(2)))
+    i += 1
+  x = x @ p["proj_kernel"] + p["proj_bias"]
+  return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
 def _np_reference(config: vit.ViTConfig, params, images: np.ndarray) -> np.ndarray:
   """float64 forward of a tower with sincos posembs, no CLS, post_norm, gelu_tanh."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   b, h, w, c = images.shape
   s = config.patch_size
-  patches = images.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, s * s * c)
-  x = patches @ p["patch_embed"]["kernel"].reshape(s * s * c, -1) + p["patch_embed"]["bias"]
+  if config.stem == "conv":
+    x = _np_conv_stem(p["patch_embed"], images)
+  else:
+    patches = images.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, s * s * c)
+    x = patches @ p["patch_embed"]["kernel"].reshape(s * s * c, -1) + p["patch_embed"]["bias"]
   x = x + sincos_2d(h // s, w // s, config.width).astype(np.float64)
   for i in range(config.depth):
     lp = p[f"layers_{i}"]
@@ -214,7 +236,35 @@ def test_bad_images_raise_naming_the_value(tiny, images, match):
     _apply(model, params, images)
 
 
+def test_conv_stem_tower_matches_a_float64_numpy_reference():
+  config = dataclasses.replace(TINY, stem="conv", class_token=False, posemb="sincos2d", pre_norm=False,
+                               activation="gelu_tanh", norm_eps=1e-6)
+  model, params = _init(config, seed=5)
+  # log2(4) = 2 stride-2 convolutions (32 then 64 channels) and the 1x1 projection.
+  shapes = {k: v.shape for k, v in params["patch_embed"].items()}
+  assert shapes == {"conv_0_kernel": (3, 3, 3, 32), "conv_0_bias": (32,), "conv_1_kernel": (3, 3, 32, 64),
+                    "conv_1_bias": (64,), "proj_kernel": (64, 64), "proj_bias": (64,)}
+  images = np.asarray(_images(2, 32, 24, seed=6))
+  got = _apply(model, params, jnp.asarray(images))
+  assert got.shape == (2, 8 * 6, 64)  # the grid of a 4-pixel patchify stem
+  np.testing.assert_allclose(got, _np_reference(config, params, images.astype(np.float64)), atol=1e-4)
+
+
+def test_conv_stem_tokens_see_across_patch_borders_and_a_patch_stem_does_not():
+  images = np.zeros((1, 32, 32, 3), np.float32)
+  changed = images.copy()
+  changed[0, 3, 3] = 1.0  # the last pixel row and column of the top-left 4 px patch
+  for stem, moved in (("patch", [0]), ("conv", [0, 1, 8, 9])):
+    config = dataclasses.replace(TINY, stem=stem, class_token=False, posemb="sincos2d", depth=1)
+    model, params = _init(config)
+    embed = jax.jit(lambda x: model.apply({"params": params}, x, method=vit.VisionTransformer.embed))
+    diff = np.abs(np.asarray(embed(changed) - embed(images)))[0].max(-1)
+    assert list(np.flatnonzero(diff > 1e-6)) == moved, stem
+
+
 @pytest.mark.parametrize("change,match", [
+    (dict(stem="conv", patch_size=6), "patch_size=6 with stem='conv': expected a power of 2"),
+    (dict(stem="hybrid"), "stem='hybrid', expected 'patch' or 'conv'"),
     (dict(num_heads=5), "width=64 is not a multiple of num_heads=5"),
     (dict(output_layer=-3), "output_layer=-3"),
     (dict(output_layer=0), "output_layer=0"),

@@ -211,6 +211,13 @@ def test_a_config_of_another_size_is_rejected_with_every_mismatch(clip):
     hf_vision.clip_vision_from_state_dict(state_dict_to_numpy(model), config)
 
 
+def test_a_config_with_a_convolutional_stem_is_refused(clip):
+  model, hf_config, _ = clip
+  config = hf_vision.config_from_hf_clip(hf_config, stem="conv")
+  with pytest.raises(ValueError, match="config.stem='conv': .* expected 'patch'"):
+    hf_vision.clip_vision_from_state_dict(state_dict_to_numpy(model), config)
+
+
 def test_bfloat16_safetensors_are_read_as_float32(tmp_path, clip):
   model, hf_config, _ = clip
   bf16 = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP_TINY))
