@@ -41,7 +41,7 @@ KINDS = ("captions", "interleaved", "qa")
 DEFAULT_SIZE = 4000
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_VOCAB_SIZE = 256
-_BUILD_FORMAT = 1  # bump when the generator changes, so stale builds are rebuilt
+_BUILD_FORMAT = 2  # bump when the generator changes, so stale builds are rebuilt
 
 _log = logging.getLogger(__name__)
 
@@ -96,8 +96,9 @@ def plan(size: int, image_size: int, seed: int) -> dict[tuple[str, str], list[di
           scene = fresh_scene()
           record.update(scenes=[scene], text=IMAGE_TOKEN + scenes_lib.caption(scene, rng) + END_OF_CHUNK_TOKEN)
         elif kind == "qa":
-          scene = fresh_scene()
-          _, question, answer = scenes_lib.sample_question(scene, rng)
+          scene, (_, question, answer) = scenes_lib.sample_balanced_question(
+              rng, image_size, accept=lambda scene: scene.key not in seen)
+          split_keys.add(scene.key)
           record.update(scenes=[scene], text=scenes_lib.qa_text(question, answer),
                         question=question, answer=answer)
         else:

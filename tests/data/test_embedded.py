@@ -73,29 +73,58 @@ def test_answers_follow_from_the_scene():
         assert [s.colour for s in scene.shapes if s.shape == shape] == [answer]
 
 
+def _text_only_accuracy(train, held_out):
+  """The best a model reading only the question does: the most frequent training answer
+  of the same question (of any question when it never appeared)."""
+  per_question, overall = collections.defaultdict(collections.Counter), collections.Counter()
+  for question, answer in train:
+    per_question[question][answer] += 1
+    overall[answer] += 1
+  guess = lambda q: (per_question[q] or overall).most_common(1)[0][0]
+  return np.mean([guess(q) == a for q, a in held_out])
+
+
 def test_answers_cannot_be_predicted_from_the_question_text_alone(data_dir):
-  # The best a text-only model can do is the most frequent training answer per question.
-  per_question = collections.defaultdict(collections.Counter)
-  overall = collections.Counter()
-  for record in qa.qa_records(data_dir, "train"):
-    per_question[record["question"]][record["answer"]] += 1
-    overall[record["answer"]] += 1
-  default = overall.most_common(1)[0][0]
-  val = list(qa.qa_records(data_dir, "validation"))
-  guesses = [per_question[r["question"]].most_common(1)[0][0] if r["question"] in per_question
-             else default for r in val]
-  accuracy = np.mean([g == r["answer"] for g, r in zip(guesses, val)])
-  assert accuracy < 0.5, accuracy
-  # The same baseline on a large sample of generated questions (the default size's answer mix).
+  train = [(r["question"], r["answer"]) for r in qa.qa_records(data_dir, "train")]
+  val = [(r["question"], r["answer"]) for r in qa.qa_records(data_dir, "validation")]
+  # Chance over the kinds' answers is about 0.28 (1/4, 1/4, 1/5, 1/3, 1/5, 1/5, 1/2);
+  # the unbalanced questions of the documents (sample_question) would give about 0.37.
+  assert _text_only_accuracy(train, val) < 0.33
+
+
+def test_balanced_questions_spread_each_kind_evenly_over_its_answers():
   rng = np.random.default_rng(0)
-  drawn = [scenes.sample_question(scenes.sample_scene(rng, 64), rng) for _ in range(6000)]
-  table, overall = collections.defaultdict(collections.Counter), collections.Counter()
-  for _, q, a in drawn[:5000]:
-    table[q][a] += 1
-    overall[a] += 1
-  guess = lambda q: (table[q] or overall).most_common(1)[0][0]
-  accuracy = np.mean([guess(q) == a for _, q, a in drawn[5000:]])
-  assert accuracy < 0.5, accuracy
+  drawn = [scenes.sample_balanced_question(rng, 64) for _ in range(7000)]
+  by_kind = collections.defaultdict(collections.Counter)
+  for scene, (kind, question, answer) in drawn:
+    assert (kind, question, answer) in scenes.questions(scene)
+    by_kind[kind][answer] += 1
+  assert set(by_kind) == set(scenes.QUESTION_KINDS)
+  for kind, counts in by_kind.items():
+    n, expected = sum(counts.values()), 1 / len(scenes.ANSWERS[kind])
+    assert set(counts) == set(scenes.ANSWERS[kind]), (kind, counts)
+    # ~1000 per kind: a frequency's standard deviation is at most 0.016.
+    assert all(abs(c / n - expected) < 0.06 for c in counts.values()), (kind, counts)
+  pairs = [(q, a) for _, (_, q, a) in drawn]
+  chance = np.mean([1 / len(scenes.ANSWERS[k]) for k in scenes.QUESTION_KINDS])
+  assert _text_only_accuracy(pairs[:6000], pairs[6000:]) < chance + 0.05
+
+
+def test_question_kind_names_the_kind_of_every_generated_question():
+  rng = np.random.default_rng(2)
+  for _ in range(200):
+    for kind, question, _ in scenes.questions(scenes.sample_scene(rng, 64)):
+      assert scenes.question_kind(question) == kind, question
+  assert scenes.question_kind("what is this?") is None
+
+
+def test_balanced_questions_respect_the_scenes_a_caller_refuses():
+  rng = np.random.default_rng(1)
+  refused = {scenes.sample_balanced_question(rng, 64)[0].key for _ in range(50)}
+  rng = np.random.default_rng(1)
+  for _ in range(50):
+    scene, _ = scenes.sample_balanced_question(rng, 64, accept=lambda s: s.key not in refused)
+    assert scene.key not in refused
 
 
 def test_qa_records_give_images_question_and_answer_in_the_prompt_format(data_dir):
