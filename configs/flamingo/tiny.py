@@ -38,6 +38,11 @@ def get_config(arg=None):
   # 64 px (the stored resolution) instead of the preset's 32: shapes of 8-12 px are
   # told apart much sooner, for 10% more compute per step.
   c.model["vision"]["image_size"] = 64
+  # Three strided 3x3 convolutions instead of the 8x8 patchify (mmjax.layers.embed.ConvStem),
+  # for 15% more time per step: a tower probe supervised with each column's shape learns
+  # it to 99.9% instead of 42%; here QA 56.5% instead of 46.5-48.5% (one seed, lr 1e-3 vs
+  # 3e-3/1.5e-3, the mixture below before its change; README, "What `make demo` shows").
+  c.model["vision"]["stem"] = "conv"
 
   # Initial value of every tanh gate (attn_gate, ff_gate). Flamingo uses 0 so that the
   # frozen LM's behaviour is untouched at the start; from scratch that only delays the
@@ -61,7 +66,10 @@ def get_config(arg=None):
   c.data.num_workers = 0
   # Weights of the datasets ("name:weight,..."); empty: mmjax.data.DEFAULT_MIXTURE.
   # One image per example here, so the interleaved documents (2-5 images) are left out.
-  c.data.mixture = "qa:1.5,captions:1.0"
+  # Captions name every shape left to right: twice the questions' weight, the tower learns
+  # to count and place from them (QA 61% / 59% for seeds 0 / 1, against 56.5% / 42.5%
+  # with "qa:1.5,captions:1.0"; 200 questions each).
+  c.data.mixture = "qa:1.0,captions:2.0"
   # The ablation: replace every image by black pixels, in training and evaluation.
   c.data.blank_images = False
   # batch_size is the global batch. True: each JAX process reads its own disjoint slice
@@ -89,7 +97,7 @@ def get_config(arg=None):
   c.sharding.frozen_rules = "frozen_towers"
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 3e-3
+  c.optimizer.lr = 1e-3
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.98
   c.optimizer.eps = 1e-8
@@ -128,8 +136,8 @@ def get_config(arg=None):
   c.eval.num_batches = 4
   # In-context examples for the few-shot QA accuracy.
   c.eval.few_shot_k = 2
-  # Questions scored for the QA accuracy (0: all of the split).
-  c.eval.num_questions = 200
+  # Questions scored for the QA accuracy (0: all of the split, 400 in the default build).
+  c.eval.num_questions = 0
   c.eval.max_new_tokens = 4
   # Caption evaluation prompts `<image>` + this opening (one of the dataset's templates)
   # and scores the opening + continuation with CIDEr-D.

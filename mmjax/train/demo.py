@@ -2,8 +2,9 @@
 and print what it learned (QA accuracy both ways, CIDEr, a few generated answers).
 
 The run with blanked images (`--config.data.blank_images=True`) is the control: the
-questions of the embedded dataset can only be answered by looking, so the accuracy with
-images should be several times the accuracy without. Both runs resume if their work
+answers of the embedded dataset's questions are balanced (every answer of a question about
+equally frequent), so they can only be answered above chance by looking, and the accuracy
+with images should be at least twice the accuracy without. Both runs resume if their work
 directories hold checkpoints, so a second `make demo` only evaluates.
 """
 
@@ -21,6 +22,7 @@ def run(workdir: str, *, config_path: str, data_dir: str | None, overrides: list
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   from mmjax import data as data_lib
+  from mmjax.data import scenes
   from mmjax.train import evaluate
   from mmjax.train import loop
   from mmjax.train import plot
@@ -62,6 +64,14 @@ def run(workdir: str, *, config_path: str, data_dir: str | None, overrides: list
     ratio = main["qa_zero_shot"] / blank if blank > 0 else float("inf")
     print(f"QA exact match, images blanked:   {blank:.1%} zero-shot  (with images: {ratio:.1f}x)")
   print(f"caption CIDEr-D, with images:     {main['cider']:.3f}")
+  print("\nby kind of question (zero-shot; chance: one answer of the kind's, every answer of a "
+        "question equally frequent):")
+  blank_by_kind = results["blank"]["qa_zero_shot_by_kind"] if "blank" in results else {}
+  for kind, acc in main["qa_zero_shot_by_kind"].items():
+    answers = scenes.ANSWERS.get(kind)
+    chance = f"chance {1 / len(answers):.0%}" if answers else ""
+    blank_text = f"   blanked {blank_by_kind[kind]:6.1%}" if kind in blank_by_kind else ""
+    print(f"  {kind:<12} with images {acc:6.1%}{blank_text}   {chance}")
   print("\nsome answers (with images):")
   for row in main["examples"][:6]:
     mark = "ok " if row["correct"] else "no "

@@ -10,6 +10,7 @@ Dimension letters: B batch, N images, S image side, T buffer length.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import data as data_lib
+from mmjax.data import scenes
 from mmjax.train import cider as cider_lib
 from mmjax.train import config as config_lib
 from mmjax.train import loop
@@ -142,6 +144,14 @@ def load(workdir: str):
   return config, task, step, params
 
 
+def accuracy_by_kind(rows: list[dict]) -> dict[str, float]:
+  """Exact match per kind of question (`scenes.question_kind`; 'other' for unknown wordings)."""
+  hits = collections.defaultdict(list)
+  for row in rows:
+    hits[scenes.question_kind(row["question"]) or "other"].append(bool(row["correct"]))
+  return {kind: float(np.mean(h)) for kind, h in sorted(hits.items())}
+
+
 def evaluate(workdir: str, *, num_questions: int | None = None, few_shot_k: int | None = None,
              with_cider: bool = True, loaded=None) -> dict:
   """All metrics of a work directory; also written to `WORKDIR/eval.json`."""
@@ -155,6 +165,7 @@ def evaluate(workdir: str, *, num_questions: int | None = None, few_shot_k: int 
   res["val_loss"] = loop.evaluate_loss(eval_step, params, task.val_data(), config, int(config.eval.num_batches))
   max_new = int(config.eval.max_new_tokens)
   res["qa_zero_shot"], rows = qa_accuracy(config, gen, shots=0, limit=limit, max_new_tokens=max_new)
+  res["qa_zero_shot_by_kind"] = accuracy_by_kind(rows)
   res["examples"] = rows[:8]
   if k > 0:
     res[f"qa_{k}_shot"], _ = qa_accuracy(config, gen, shots=k, limit=limit, max_new_tokens=max_new)

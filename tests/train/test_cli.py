@@ -11,6 +11,7 @@ from PIL import Image
 
 from mmjax import data as data_lib
 from mmjax.data import builders
+from mmjax.data import scenes
 from mmjax.train import cli
 from mmjax.train import config as config_lib
 from mmjax.train import evaluate
@@ -47,6 +48,7 @@ def test_train_eval_generate_plot_run_on_a_trained_workdir(data_dir, tmp_path, c
   res = json.load(open(os.path.join(wd, "eval.json")))
   assert res["step"] == 4 and np.isfinite(res["val_loss"]) and 0.0 <= res["qa_zero_shot"] <= 1.0
   assert "qa_1_shot" in res and res["cider"] >= 0.0 and "qa_zero_shot" in out
+  assert set(res["qa_zero_shot_by_kind"]) <= set(scenes.QUESTION_KINDS)
   img = next(iter(builders.open_split(data_dir, "qa", "validation")))["images"][0]
   png = tmp_path / "a.png"
   png.write_bytes(bytes(img))
@@ -115,3 +117,12 @@ def test_the_evaluator_prompts_a_question_exactly_as_training_sequences_begin(da
     assert prompt[0] == tok.bos_id
     assert list(row[:len(prompt)]) == prompt, (text, prompt)
     assert row[len(prompt)] not in (tok.end_of_chunk_id, tok.eos_id, tok.pad_id)  # the answer comes next
+
+
+def test_accuracy_by_kind_groups_rows_by_the_wording_of_their_question():
+  rows = [{"question": "how many shapes are there?", "correct": True},
+          {"question": "how many circles are there?", "correct": False},
+          {"question": "how many shapes are there?", "correct": False},
+          {"question": "is the red circle left or right of the blue square?", "correct": True},
+          {"question": "what is this?", "correct": True}]
+  assert evaluate.accuracy_by_kind(rows) == {"count": 0.5, "count_shape": 0.0, "other": 1.0, "position": 1.0}
