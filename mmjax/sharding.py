@@ -21,7 +21,8 @@ Logical axes
 ``latents``   the learned queries of a Perceiver Resampler (and its output tokens).
 ``cache``     positions of a decode-time key/value cache.
 ``norm``      a normalisation scale or bias vector (never sharded by default).
-``conv_in``   the input pixels of a patch-embedding convolution (patch x patch x channels).
+``conv_in``   the input pixels of a patch-embedding convolution (patch x patch x channels),
+              or the input channels of a convolutional stem's convolution.
 ``layers``    the stacked leading axis of scanned layers (``DecoderConfig.scan_layers``):
               one entry per scanned block. Never sharded: every rule set maps it to no
               mesh axis, since each scan step needs its whole block's weights.

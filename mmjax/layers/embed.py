@@ -99,15 +99,15 @@ class ConvStem(nn.Module):
     x = pixels.astype(dtype)
     for i, channels in enumerate(conv_stem_channels(p, self.width)):
       kernel = self.param(
-          f"conv_{i}_kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None)),
+          f"conv_{i}_kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
           (3, 3, x.shape[-1], channels), jnp.float32)
-      bias = self.param(f"conv_{i}_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+      bias = self.param(f"conv_{i}_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                         (channels,), jnp.float32)
       x = jax.lax.conv_general_dilated(
           x, kernel.astype(dtype), window_strides=(2, 2), padding=((1, 1), (1, 1)),
           dimension_numbers=("NHWC", "HWIO", "NHWC"))
       x = nn.gelu(x + bias.astype(dtype)[None, None, None, :], approximate=False)
-    kernel = self.param("proj_kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, "embed")),
+    kernel = self.param("proj_kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_in", "embed")),
                         (x.shape[-1], self.width), jnp.float32)
     bias = self.param("proj_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                       (self.width,), jnp.float32)
