@@ -12,8 +12,11 @@ the LM are frozen (bitwise unchanged, no optimizer state), and only the Perceive
 Resampler and the gated cross-attention layers train; the optimizer state is created
 afresh for them at the boundary, while the learning-rate schedule runs on over the global
 step. Expected: the frozen parameters stay bitwise at their step-600 values (the trainer's
-tests check this property) and the loss keeps falling slowly in stage 1; the accuracy of
-this config has not been measured yet (about 1.5x flamingo/tiny's training time).
+tests check this property) and the loss keeps falling slowly in stage 1. Measured
+(seed 0, 2026-11-28, 2 CPU cores): validation loss 0.298, QA exact match 59.8% on the 400
+balanced validation questions (flamingo/tiny trained throughout: 0.284, 62.3%), 2-shot
+28.8%, CIDEr-D 3.65; training and evaluation 169 s, stage 1 running at 10-14k tokens/s
+against stage 0's 7k (no gradient through the frozen vision tower).
 
 With real weights (`mmjax.convert`), set `--config.freeze.stages=0:resampler,xattn` to
 run only the second stage, with `--config.init.gate_value=0` (Flamingo's zero-init gates,
