@@ -140,12 +140,15 @@ def demo_main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog="mmjax demo", description="build data, train flamingo/tiny, show what it learned")
   p.add_argument("--workdir", default="work/flamingo-tiny")
   p.add_argument("--config", default=TINY)
-  p.add_argument("--data-dir", default=None, help="default: WORKDIR/data")
+  p.add_argument("--data-dir", default=None, help="default: $MMJAX_DATA_DIR, else ~/.cache/mmjax/data")
   p.add_argument("--skip-blank", action="store_true", help="do not train the blanked-images ablation")
+  p.add_argument("--data-size", type=int, default=None, help="training scenes per dataset (default: mmjax data build's, 4000)")
+  p.add_argument("--data-image-size", type=int, default=None, help="stored image side in pixels (default: 64)")
   p.add_argument("overrides", nargs="*", help="--config.x.y=value overrides for both runs")
   args, unknown = p.parse_known_args(argv)
   try:
     return demo.run(args.workdir, config_path=args.config, data_dir=args.data_dir,
-                    overrides=[*args.overrides, *unknown], with_blank=not args.skip_blank)
+                    overrides=[*args.overrides, *unknown], with_blank=not args.skip_blank,
+                    data_size=args.data_size, data_image_size=args.data_image_size)
   except ValueError as e:
     return _fail("mmjax demo", e)

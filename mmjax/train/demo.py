@@ -18,7 +18,8 @@ import time
 from mmjax.train import config as config_lib
 
 
-def run(workdir: str, *, config_path: str, data_dir: str | None, overrides: list[str], with_blank: bool) -> int:
+def run(workdir: str, *, config_path: str, data_dir: str | None, overrides: list[str], with_blank: bool,
+        data_size: int | None = None, data_image_size: int | None = None) -> int:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   from mmjax import data as data_lib
@@ -35,7 +36,8 @@ def run(workdir: str, *, config_path: str, data_dir: str | None, overrides: list
   t0 = time.time()
   data_dir = os.path.abspath(data_dir or data_lib.default_data_dir())
   print(f"[demo] dataset: {data_dir}", flush=True)
-  built = data_lib.build_embedded(data_dir, log=lambda m: print(f"[demo]   {m}", flush=True))
+  sizes = {k: v for k, v in (("size", data_size), ("image_size", data_image_size)) if v is not None}
+  built = data_lib.build_embedded(data_dir, log=lambda m: print(f"[demo]   {m}", flush=True), **sizes)
   print(f"[demo] dataset {'reused' if built.reused else 'built'} ({time.time() - t0:.0f}s)", flush=True)
   runs = [("images", [])] + ([("blank", ["--config.data.blank_images=True"])] if with_blank else [])
   results = {}

@@ -69,6 +69,28 @@ def test_train_eval_generate_plot_run_on_a_trained_workdir(data_dir, tmp_path, c
 
 
 @pytest.mark.slow
+def test_demo_trains_both_runs_and_prints_accuracy_with_and_without_images_by_kind(tmp_path, capsys):
+  wd, data = str(tmp_path / "demo"), str(tmp_path / "data")
+  small = [a for a in SMALL if not a.startswith("--config.mesh.num_devices")] + ["--config.mesh.num_devices=1"]
+  cache = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+  try:
+    assert cli.demo_main([f"--workdir={wd}", f"--data-dir={data}", "--data-size=40", "--data-image-size=16",
+                          *small]) == 0
+  finally:  # the demo keeps compiled programs in its work directory: not for the other tests
+    jax.config.update("jax_compilation_cache_dir", cache[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", cache[1])
+  out = capsys.readouterr().out
+  for line in ("QA exact match, with images:", "QA exact match, images blanked:", "by kind of question",
+               "caption CIDEr-D"):
+    assert line in out, line
+  results = json.load(open(os.path.join(wd, "demo.json")))["results"]
+  assert results["blank"]["blank_images"] and not results["images"]["blank_images"]
+  for res in results.values():
+    assert res["step"] == 4 and set(res["qa_zero_shot_by_kind"]) <= set(scenes.QUESTION_KINDS)
+  assert os.path.exists(os.path.join(wd, "curves.png"))
+
+
+@pytest.mark.slow
 def test_the_flamingo_recipe_on_flamingo_freezes_vision_and_lm_bitwise_and_opens_every_gate(data_dir, tmp_path):
   from mmjax.train import loop
   config = config_lib.load_config(cli.TINY, [f"--config.data.dir={data_dir}", *SMALL, "--config.train.num_steps=3",
