@@ -230,7 +230,8 @@ def sample_balanced_question(
   and then scenes until one answers a question of that kind that way: every answer of a
   question is about equally likely (what VQA v2, Goyal et al. 2017, aimed at by pairing
   each question with a similar image of another answer), so a model that reads only the
-  text does no better than chance, and the accuracy above chance measures what it saw. `accept(scene)` may refuse scenes (those of other splits).
+  text does no better than chance, and the accuracy above chance measures what it saw.
+  `accept(scene)` may refuse scenes (those of other splits).
   """
   kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
   answer = ANSWERS[kind][int(rng.integers(len(ANSWERS[kind])))]

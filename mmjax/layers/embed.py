@@ -31,6 +31,11 @@ class Embed(nn.Module):
                       preferred_element_type=jnp.float32)
 
 
+def _check_whole_patches(h: int, w: int, p: int) -> None:
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+
+
 class PatchEmbed(nn.Module):
   """Non-overlapping patches of [B, H, W, C] pixels -> [B, P, D] tokens: ``kernel``, ``bias``.
 
@@ -47,8 +52,7 @@ class PatchEmbed(nn.Module):
   def __call__(self, pixels: jax.Array) -> jax.Array:
     b, h, w, c = pixels.shape
     p = self.patch_size
-    if h % p or w % p:
-      raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    _check_whole_patches(h, w, p)
     kernel = self.param(
         "kernel",
         nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
@@ -93,8 +97,7 @@ class ConvStem(nn.Module):
   def __call__(self, pixels: jax.Array) -> jax.Array:
     b, h, w, _ = pixels.shape
     p = self.patch_size
-    if h % p or w % p:
-      raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    _check_whole_patches(h, w, p)
     dtype = jnp.dtype(self.dtype)
     x = pixels.astype(dtype)
     for i, channels in enumerate(conv_stem_channels(p, self.width)):

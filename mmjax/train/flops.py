@@ -71,8 +71,7 @@ def flamingo_forward_flops(cfg, num_images: int, text_length: int) -> dict[str, 
   p = grid * grid + (1 if v.class_token else 0)
   dv = v.width
   vit_layer = 2 * p * dv * 3 * dv + 2 * p * dv * dv + 4 * p * p * dv + 2 * 2 * p * dv * v.mlp_dim
-  stem = stem_flops(v)
-  vision = n * (stem + v.depth * vit_layer)
+  vision = n * (stem_flops(v) + v.depth * vit_layer)
   inner_r, lat = r.num_heads * r.head_dim, r.num_latents
   res_layer = (2 * lat * r.width * inner_r + 2 * (p + lat) * r.width * 2 * inner_r + 2 * lat * inner_r * r.width
                + 4 * lat * (p + lat) * inner_r + 2 * 2 * lat * r.width * r.ff_mult * r.width)
