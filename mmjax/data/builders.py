@@ -19,18 +19,24 @@ tokenizer, so that the pipeline opens datasets by name.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax.data import scenes as scenes_lib
+from mmjax.data.preprocess import BAD_DATA_POLICIES
 from mmjax.data.scenes import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 from mmjax.data.tokenizer import Tokenizer
 
@@ -158,42 +164,192 @@ class MmjaxShapes(tfds.core.GeneratorBasedBuilder):
 
 # ---------------------------------------------------------------- bring your own data
 
+# Why a JSONL record is not imported; `import_jsonl` counts skipped records under these.
+IMPORT_BAD_REASONS = (
+    "invalid JSON",            # the line does not parse as JSON
+    "not UTF-8",               # the line's bytes are not UTF-8
+    "wrong type",              # the record, or one of its fields, has the wrong JSON type
+    "missing field",           # neither 'text' nor LLaVA's 'conversations'
+    "wrong value",             # a conversation turn from someone other than human or gpt
+    "duplicate id",            # an id an earlier record of the same split already has
+    "image outside --images",  # an image path resolving (symlinks followed) outside the folder
+)
+# An image path inside the folder naming no file: counted apart, since with bad_data="skip"
+# its record is kept (with an empty image, which the pipeline's bad-data policy handles).
+IMAGES_MISSING = "images missing"
+
+
+class BadJsonlRecord(ValueError):
+  """A JSONL line that cannot be imported: `FILE:LINE: <reason>...`, and the reason alone."""
+
+  def __init__(self, where: str, reason: str, message: str):
+    super().__init__(f"{where}: {message}")
+    self.where, self.reason = where, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonlRecord:
+  """One importable line of a JSONL file."""
+  where: str                # FILE:LINE
+  record_id: str            # "<dataset>/<split>/<the record's id, else its line number>"
+  text: str
+  images: tuple[str, ...]   # real paths, all inside the image folder
+  missing: tuple[str, ...]  # the image paths, as the record writes them, that are not files
+
+
 @dataclasses.dataclass
 class ImageTextFolderConfig(tfds.core.BuilderConfig):
-  """A folder of image files and one JSONL file of records per split."""
+  """A folder of image files and one JSONL file of records per split.
+
+  `name` is the tfds folder's (unique per import, so that a new import never reuses or
+  overwrites an old folder); `dataset_name` is the name records are imported under.
+  """
   jsonl: Mapping[str, str] = dataclasses.field(default_factory=dict)
   image_dir: str = ""
+  dataset_name: str = ""
 
 
-def jsonl_record_text(record: Mapping, where: str) -> tuple[list[str], str]:
+def _described(value) -> str:
+  text = json.dumps(value)
+  return f"{type(value).__name__} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def _wrong_type(where: str, what: str, value, expected: str) -> BadJsonlRecord:
+  return BadJsonlRecord(where, "wrong type",
+                        f"wrong type: {what} is {_described(value)}; expected {expected}")
+
+
+def _image_list(record: Mapping, key: str, where: str, single_allowed: bool = False) -> list[str]:
+  """The image paths under `key` (absent: none): a list of strings, or one string where
+  the form allows it (LLaVA's `image`)."""
+  images = record.get(key, [])
+  if single_allowed and isinstance(images, str):
+    return [images]
+  if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+    expected = "a file name or a list of them" if single_allowed else "a list of file names"
+    raise _wrong_type(where, repr(key), images, expected)
+  return images
+
+
+def jsonl_record_text(record, where: str) -> tuple[list[str], str]:
   """(image paths, text) of one JSONL record, plain or LLaVA-conversation form.
 
-  Plain: `{"images": ["a.jpg", ...], "text": "... <image> ..."}`.
+  Plain: `{"images": ["a.jpg", ...], "text": "... <image> ..."}`, `images` a list.
   LLaVA: `{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."},
   {"from": "gpt", "value": "..."}]}` becomes `"User: <image>\\n...\\nAssistant: ...<|endofchunk|>"`,
-  with `<image>` put first when the conversation does not place it (LLaVA's convention).
+  with `<image>` put first when the conversation does not place it (LLaVA's convention);
+  `image` may be one file name or a list, `images` a list. Either form may carry an `id`
+  (a string or an integer). Raises `BadJsonlRecord` naming `where` otherwise.
   """
+  if not isinstance(record, dict):
+    raise _wrong_type(where, "the record", record, "a JSON object")
+  given_id = record.get("id", "")
+  if isinstance(given_id, bool) or not isinstance(given_id, (str, int)):
+    raise _wrong_type(where, "'id'", given_id, "a string or an integer")
   if "conversations" in record:
-    images = record.get("image", record.get("images", []))
-    images = [images] if isinstance(images, str) else list(images)
+    images = (_image_list(record, "image", where, single_allowed=True) if "image" in record
+              else _image_list(record, "images", where))
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+      raise _wrong_type(where, "'conversations'", turns, "a list of turns")
     parts = []
-    for turn in record["conversations"]:
-      role = turn.get("from")
+    for turn_number, turn in enumerate(turns, start=1):
+      if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)
+              and isinstance(turn.get("value"), str)):
+        raise _wrong_type(where, f"conversation turn {turn_number}", turn,
+                          'an object with string "from" and "value"')
+      role = turn["from"]
       if role in ("human", "user"):
         parts.append(f"User: {turn['value']}\n")
       elif role in ("gpt", "assistant"):
         parts.append(f"Assistant: {turn['value']}{END_OF_CHUNK_TOKEN}")
       else:
-        raise ValueError(f"{where}: conversation turn from {role!r}; expected human or gpt")
+        raise BadJsonlRecord(where, "wrong value", f"wrong value: conversation turn {turn_number} "
+                             f"is from {role!r}; expected human (user) or gpt (assistant)")
     text = "".join(parts)
     if images and IMAGE_TOKEN not in text:
       text = IMAGE_TOKEN * len(images) + text
     return images, text
   if "text" not in record:
-    raise ValueError(f"{where}: record has keys {sorted(record)}; expected 'text' (and "
-                     "'images') or LLaVA's 'conversations'")
-  images = record.get("images", [])
-  return ([images] if isinstance(images, str) else list(images)), record["text"]
+    raise BadJsonlRecord(where, "missing field", f"missing field: the record has keys "
+                         f"{sorted(record)}; expected 'text' (and 'images') or LLaVA's "
+                         "'conversations'")
+  if not isinstance(record["text"], str):
+    raise _wrong_type(where, "'text'", record["text"], "a string")
+  return _image_list(record, "images", where), record["text"]
+
+
+def _parse_line(raw: bytes, where: str) -> object:
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as error:
+    raise BadJsonlRecord(where, "not UTF-8", f"not UTF-8 (byte 0x{raw[error.start]:02x} at "
+                         f"column {error.start + 1}: {error.reason})") from None
+  try:
+    # Without its line break, so that a string left open reads as such.
+    return json.loads(line.rstrip("\r\n"))
+  except json.JSONDecodeError as error:
+    raise BadJsonlRecord(where, "invalid JSON",
+                         f"invalid JSON ({error.msg}: column {error.colno})") from None
+
+
+def _image_paths(paths: list[str], image_root: str, where: str) -> tuple[tuple, tuple]:
+  """(real paths, the paths naming no file) of a record's images; raises for any path
+  that resolves outside `image_root` (a real path)."""
+  real_paths, missing = [], []
+  for path in paths:
+    real = os.path.realpath(os.path.join(image_root, path))
+    if os.path.commonpath([real, image_root]) != image_root:
+      raise BadJsonlRecord(where, "image outside --images", f"image outside --images: {path!r} "
+                           f"resolves to {real}, which is not under {image_root}")
+    real_paths.append(real)
+    if not os.path.isfile(real):
+      missing.append(path)
+  return tuple(real_paths), tuple(missing)
+
+
+def read_jsonl(path: str, name: str, split: str,
+               image_dir: str) -> Iterator[JsonlRecord | BadJsonlRecord]:
+  """Every non-blank line of a JSONL file, as a record or as the error saying why it is not one.
+
+  Errors are yielded, not raised, so that the caller applies its bad-data policy. Lines
+  are decoded one by one, so one non-UTF-8 line spoils only itself. A record repeating the
+  id of an earlier one is an error; the earlier one stays. Image paths are relative to
+  `image_dir` and must stay inside it once symlinks are followed.
+  """
+  image_root = os.path.realpath(image_dir)
+  first_line_of_id = {}
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      if line_number == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+      if not raw.strip():
+        continue
+      where = f"{path}:{line_number}"
+      try:
+        record = _parse_line(raw, where)
+        paths, text = jsonl_record_text(record, where)
+        key = record.get("id", line_number)
+        record_id = f"{name}/{split}/{key}"
+        if record_id in first_line_of_id:
+          raise BadJsonlRecord(where, "duplicate id", f"duplicate id {str(key)!r}, first at "
+                               f"{path}:{first_line_of_id[record_id]}")
+        images, missing = _image_paths(paths, image_root, where)
+      except BadJsonlRecord as error:
+        yield error
+        continue
+      first_line_of_id[record_id] = line_number
+      yield JsonlRecord(where, record_id, text, images, missing)
+
+
+def _read_image(path: str, where: str) -> bytes:
+  try:
+    with open(path, "rb") as image_file:
+      return image_file.read()
+  except OSError as error:
+    # Kept as an unreadable image: the pipeline's bad-data policy decides.
+    _log.warning("%s: image %s cannot be read: %s", where, path, error)
+    return b""
 
 
 class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
@@ -213,26 +369,12 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
             for split, path in self.builder_config.jsonl.items()}
 
   def _generate_examples(self, split, path):
-    name, image_dir = self.builder_config.name, self.builder_config.image_dir
-    with open(path) as f:
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        where = f"{path}:{line_number}"
-        record = json.loads(line)
-        paths, text = jsonl_record_text(record, where)
-        images = []
-        for p in paths:
-          full = p if os.path.isabs(p) else os.path.join(image_dir, p)
-          try:
-            with open(full, "rb") as image_file:
-              images.append(image_file.read())
-          except OSError:
-            # Kept as an unreadable image: the pipeline's bad-data policy decides.
-            _log.warning("%s: image %s cannot be read", where, full)
-            images.append(b"")
-        record_id = f"{name}/{split}/{record.get('id', line_number)}"
-        yield record_id, {"id": record_id, "images": images, "text": text}
+    config = self.builder_config
+    for record in read_jsonl(path, config.dataset_name or config.name, split, config.image_dir):
+      if isinstance(record, BadJsonlRecord):
+        continue  # `import_jsonl` applied the bad-data policy to it before the build
+      yield record.record_id, {"id": record.record_id, "text": record.text,
+                               "images": [_read_image(p, record.where) for p in record.images]}
 
 
 # ---------------------------------------------------------------- the manifest
@@ -341,37 +483,179 @@ def build_embedded(data_dir: str | None = None, size: int = DEFAULT_SIZE,
       reused=reused, seconds=time.time() - start)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportResult:
+  """What `import_jsonl` did."""
+  path: str                     # the dataset's tfds folder
+  records: dict[str, int]       # split -> records imported
+  skipped: dict[str, int]       # reason (IMPORT_BAD_REASONS) -> records skipped
+  first_skipped: dict[str, str]  # reason -> the error of its first record: "FILE:LINE: ..."
+  images_missing: int           # image files not found: their records keep an empty image
+  tokenizer: str                # the data directory's tokenizer
+  tokenizer_trained: bool       # whether this import trained it
+  replaced: str | None          # the folder of the dataset this one replaced (removed)
+
+
+def _records(count: int) -> str:
+  return f"{count} record" + ("" if count == 1 else "s")
+
+
+def _split_counts(folder: str) -> str:
+  """The record count of each split of a tfds folder: "train: 2 records, test: 1 record"."""
+  try:
+    splits = tfds.builder_from_directory(folder).info.splits
+  except (ValueError, OSError) as error:
+    return f"record counts unreadable: {error}"
+  return ", ".join(f"{split}: {_records(info.num_examples)}" for split, info in splits.items())
+
+
+def _check_records(name: str, jsonl: Mapping[str, str], image_dir: str, bad_data: str) -> dict:
+  """Reads every JSONL file once, before anything is written, applying `bad_data`.
+
+  Returns the counts of `ImportResult` (records, skipped, first_skipped, images_missing).
+  With "raise" the first bad record raises; with "skip" it is counted. A file left
+  without a record raises in both.
+  """
+  records, skipped, first_skipped, images_missing = {}, {}, {}, 0
+  for split, path in jsonl.items():
+    kept, skipped_here, first_here = 0, {}, {}
+    for record in read_jsonl(path, name, split, image_dir):
+      if isinstance(record, BadJsonlRecord):
+        if bad_data == "raise":
+          raise record
+        skipped_here[record.reason] = skipped_here.get(record.reason, 0) + 1
+        first_here.setdefault(record.reason, str(record))
+        continue
+      if record.missing:
+        if bad_data == "raise":
+          raise BadJsonlRecord(record.where, IMAGES_MISSING, f"{IMAGES_MISSING}: "
+                               f"{record.missing[0]!r} is not a file in {image_dir}")
+        images_missing += len(record.missing)
+      kept += 1
+    if not kept:
+      why = ("; ".join(f"{reason} {count}, first at {first_here[reason]}"
+                       for reason, count in skipped_here.items()))
+      why = f"{sum(skipped_here.values())} skipped: {why}" if why else "it is empty"
+      raise ValueError(f"no usable records in {path} ({why})")
+    records[split] = kept
+    for reason, count in skipped_here.items():
+      skipped[reason] = skipped.get(reason, 0) + count
+      first_skipped.setdefault(reason, first_here[reason])
+  return dict(records=records, skipped=skipped, first_skipped=first_skipped,
+              images_missing=images_missing)
+
+
+def _train_tokenizer(data_dir: str, name: str, texts: list[str], vocab_size: int) -> str:
+  """Trains a tokenizer into a file named by a hash of its bytes; returns the file name.
+
+  No existing file is ever rewritten (a training run elsewhere may be reading it): a
+  file of the same name already holds the same bytes.
+  """
+  handle, tmp = tempfile.mkstemp(prefix=f".tokenizer_{name}_", suffix=".tmp", dir=data_dir)
+  os.close(handle)
+  try:
+    Tokenizer.train(texts, vocab_size, tmp)
+    with open(tmp, "rb") as f:
+      digest = hashlib.sha256(f.read()).hexdigest()[:10]
+    file_name = f"tokenizer_{name}_v{vocab_size}_{digest}.model"
+    if not os.path.exists(os.path.join(data_dir, file_name)):
+      os.replace(tmp, os.path.join(data_dir, file_name))
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return file_name
+
+
+def _remove_dataset_folder(data_dir: str, folder: str) -> None:
+  """Removes a tfds folder inside `data_dir`, then its parents left empty.
+
+  A folder elsewhere (a manifest edited by hand) is left alone, with a warning.
+  """
+  data_dir, folder = os.path.realpath(data_dir), os.path.realpath(folder)
+  if os.path.commonpath([data_dir, folder]) != data_dir or folder == data_dir:
+    _log.warning("dataset folder %s is not inside the data directory %s: not removed",
+                 folder, data_dir)
+    return
+  shutil.rmtree(folder, ignore_errors=True)
+  parent = os.path.dirname(folder)
+  while parent != data_dir and os.path.isdir(parent) and not os.listdir(parent):
+    os.rmdir(parent)
+    parent = os.path.dirname(parent)
+
+
 def import_jsonl(data_dir: str | None, name: str, jsonl: Mapping[str, str], image_dir: str,
-                 retrain_tokenizer: bool = False, vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
+                 retrain_tokenizer: bool = False, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                 bad_data: str = "skip", overwrite: bool = False) -> ImportResult:
   """Turns JSONL records (one file per split) plus an image folder into dataset `name`.
 
+  Each line of a JSONL file is a record in the form `jsonl_record_text` reads; image
+  paths are relative to `image_dir` and must stay inside it (symlinks followed).
+
+  Every file is read before anything is written. A bad record (`IMPORT_BAD_REASONS`: a
+  line that is not UTF-8 or not JSON, a field of the wrong type or missing, a duplicate
+  id, an image outside `image_dir`) is skipped and counted (`bad_data="skip"`), or raises
+  `BadJsonlRecord` naming FILE:LINE (`"raise"`). An image path naming no file raises with
+  "raise"; with "skip" it is counted (`images_missing`) and its record kept with an empty
+  image, which the pipeline's own bad-data policy skips or raises on. A file without a
+  usable record raises `ValueError` either way.
+
+  A dataset already named `name` is refused unless `overwrite`. The new one is built in
+  a fresh folder, and only then does the manifest switch to it and the old folder go, so
+  a failed or interrupted import leaves the old dataset and the manifest as they were.
+
   The data directory's tokenizer is kept unless there is none or `retrain_tokenizer`:
-  then one is trained on the imported training text.
+  then one is trained on the imported training text (all of it when there is no train
+  split) into a new file, and the manifest switches to it; an old file is never rewritten.
   """
   if not name.isidentifier() or name in KINDS:
     raise ValueError(f"name={name!r}; expected an identifier other than {KINDS}")
+  if bad_data not in BAD_DATA_POLICIES:
+    raise ValueError(f"bad_data={bad_data!r}; expected one of {BAD_DATA_POLICIES}")
+  if not jsonl:
+    raise ValueError("jsonl={}; expected at least one split and its JSONL file")
   data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
-  os.makedirs(data_dir, exist_ok=True)
-  missing = [p for p in jsonl.values() if not os.path.exists(p)]
+  image_dir = os.path.abspath(os.path.expanduser(image_dir))
+  jsonl = {split: os.path.abspath(os.path.expanduser(path)) for split, path in jsonl.items()}
+  missing = [p for p in jsonl.values() if not os.path.isfile(p)]
   if missing:
-    raise ValueError(f"JSONL files {missing} do not exist")
-  config = ImageTextFolderConfig(name=name, jsonl={k: os.path.abspath(v) for k, v in jsonl.items()},
-                                 image_dir=os.path.abspath(image_dir))
-  builder = ImageTextFolder(config=config, data_dir=data_dir, file_format="array_record")
+    raise ValueError(f"JSONL files {missing} do not exist (or are not files)")
+  if not os.path.isdir(image_dir):
+    raise ValueError(f"image folder {image_dir} is not a directory")
   manifest = _manifest_or_empty(data_dir)
-  manifest["datasets"][name] = _prepare(builder)
-  if retrain_tokenizer or "tokenizer" not in manifest:
-    texts = [t for split, path in jsonl.items() if split == "train" or len(jsonl) == 1
-             for t in _texts_of(path)]
-    tokenizer_file = f"tokenizer_{name}_v{vocab_size}.model"
-    Tokenizer.train(texts, vocab_size, os.path.join(data_dir, tokenizer_file))
+  old_folder = manifest["datasets"].get(name)
+  old_folder = os.path.join(data_dir, old_folder) if old_folder else None
+  if old_folder and not os.path.isdir(old_folder):
+    old_folder = None  # named by the manifest but gone: nothing to keep
+  if old_folder and not overwrite:
+    raise ValueError(f"dataset {name!r} already exists in {data_dir}: {old_folder} "
+                     f"({_split_counts(old_folder)}); pass --overwrite to replace it, or pick "
+                     "another --name")
+  counts = _check_records(name, jsonl, image_dir, bad_data)
+
+  os.makedirs(data_dir, exist_ok=True)
+  config = ImageTextFolderConfig(name=f"{name}_{uuid.uuid4().hex[:8]}", dataset_name=name,
+                                 jsonl=jsonl, image_dir=image_dir)
+  builder = ImageTextFolder(config=config, data_dir=data_dir, file_format="array_record")
+  tokenizer_file = manifest.get("tokenizer")
+  try:
+    folder = _prepare(builder)
+    train_tokenizer = retrain_tokenizer or not tokenizer_file
+    if train_tokenizer:
+      splits = ["train"] if "train" in jsonl else list(jsonl)
+      texts = [record.text for split in splits
+               for record in read_jsonl(jsonl[split], name, split, image_dir)
+               if isinstance(record, JsonlRecord)]
+      tokenizer_file = _train_tokenizer(data_dir, name, texts, vocab_size)
+    # Read again: another import may have added a dataset while this one was built.
+    manifest = _manifest_or_empty(data_dir)
+    manifest["datasets"][name] = folder
     manifest["tokenizer"] = tokenizer_file
-  _write_manifest(data_dir, manifest)
-  return os.path.join(data_dir, manifest["datasets"][name])
-
-
-def _texts_of(path: str) -> Iterator[str]:
-  with open(path) as f:
-    for line_number, line in enumerate(f, start=1):
-      if line.strip():
-        yield jsonl_record_text(json.loads(line), f"{path}:{line_number}")[1]
+    _write_manifest(data_dir, manifest)
+  except BaseException:
+    _remove_dataset_folder(data_dir, str(builder.data_dir))
+    raise
+  if old_folder and os.path.relpath(old_folder, data_dir) not in manifest["datasets"].values():
+    _remove_dataset_folder(data_dir, old_folder)
+  return ImportResult(path=os.path.join(data_dir, folder),
+                      tokenizer=os.path.join(data_dir, tokenizer_file),
+                      tokenizer_trained=train_tokenizer, replaced=old_folder, **counts)
