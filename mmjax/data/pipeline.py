@@ -6,6 +6,13 @@
   -> decode + resize images, tokenize, pad into the bucket (`preprocess.ExampleBuilder`)
   -> [worker processes] -> drop and count bad records -> batch (drop remainder)
 
+Bad records (`preprocess.BAD_REASONS`: corrupt_image, image_too_large, too_many_images,
+empty_text, text_too_long, image_token_mismatch) are dropped and counted by reason
+(`bad_data="skip"`) or raise `BadRecordError` naming the record (`bad_data="raise"`).
+A run of `max_consecutive_bad_records` bad records with no good one between them raises
+`TooManyBadRecordsError` naming the mixture's datasets: the datasets repeat, so without
+the limit a dataset with no good record would be skipped through forever.
+
 Batches (B batch, N max_images, T text_length, S image_size) — see `preprocess`:
 `images` uint8 [B, N, S, S, 3], `image_mask` bool [B, N], `input_ids` int32 [B, T],
 `image_index` int32 [B, T], `targets` int32 [B, T], `loss_mask` float32 [B, T].
@@ -27,7 +34,7 @@ import grain
 import numpy as np
 
 from mmjax.data import builders
-from mmjax.data.preprocess import BAD_REASONS, Bucket, ExampleBuilder
+from mmjax.data.preprocess import BAD_REASONS, Bucket, ExampleBuilder, TooManyBadRecordsError
 from mmjax.data.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
@@ -35,39 +42,64 @@ _log = logging.getLogger(__name__)
 # Flamingo weighted interleaved documents 1.0 and image-text pairs 0.2; the questions teach
 # the answer format that evaluation asks for.
 DEFAULT_MIXTURE = {"interleaved": 1.0, "captions": 0.2, "qa": 1.0}
+# In a mixture of which even 2% of the records are good, 1000 given records in a row are
+# all bad with probability 0.98^1000 = 2e-9; a mixture with no good record reaches it within
+# seconds instead of skipping bad records forever.
+DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS = 1000
 
 
 class _DropBadRecordsIterator(grain.DatasetIterator):
-  """Drops bad-record markers, counting them by reason; the counts are part of the state."""
+  """Drops bad-record markers, counting them by reason; the counts are part of the state.
 
-  def __init__(self, parent):
+  Raises `TooManyBadRecordsError` after `max_consecutive_bad_records` bad records in a row.
+  """
+
+  def __init__(self, parent, max_consecutive_bad_records: int, datasets: tuple[str, ...]):
     super().__init__(parent)
+    self.max_consecutive_bad_records, self.datasets = max_consecutive_bad_records, datasets
     self.counts = {reason: 0 for reason in BAD_REASONS}
+    self.consecutive = 0  # bad records since the last good one
 
   def __next__(self):
     while True:
       example = next(self._parent)
       if "bad_record" not in example:
+        self.consecutive = 0
         return example
       reason = str(example["bad_record"])
       self.counts[reason] = self.counts.get(reason, 0) + 1
+      self.consecutive += 1
       total = sum(self.counts.values())
       if total <= 10 or total & (total - 1) == 0:  # every record at first, then sparser
         _log.warning("skipped record %s (%s); skipped so far: %s", example["record_id"], reason,
                      {k: v for k, v in self.counts.items() if v})
+      if self.consecutive >= self.max_consecutive_bad_records:
+        raise TooManyBadRecordsError(self.consecutive, self.datasets, self.counts,
+                                     str(example["record_id"]), reason)
 
   def get_state(self):
-    return {"parent": self._parent.get_state(), "bad_data_counts": dict(self.counts)}
+    # The run of bad records is part of the state, so that a restored iterator gives up on
+    # the same record as one that never stopped. Between batches it is 0 (a batch ends with
+    # a good record); a state saved before it existed restores as 0.
+    return {"parent": self._parent.get_state(), "bad_data_counts": dict(self.counts),
+            "consecutive_bad_records": self.consecutive}
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
-    self.counts = dict(state["bad_data_counts"])
+    self.counts = {**{reason: 0 for reason in BAD_REASONS}, **state["bad_data_counts"]}
+    self.consecutive = int(state.get("consecutive_bad_records", 0))
 
 
 class _DropBadRecords(grain.IterDataset):
 
+  def __init__(self, parent: grain.IterDataset, max_consecutive_bad_records: int,
+               datasets: list[str]):
+    super().__init__(parent)
+    self.max_consecutive_bad_records, self.datasets = max_consecutive_bad_records, tuple(datasets)
+
   def __iter__(self):
-    return _DropBadRecordsIterator(self._parent.__iter__())
+    return _DropBadRecordsIterator(self._parent.__iter__(), self.max_consecutive_bad_records,
+                                   self.datasets)
 
 
 class Pipeline(grain.DatasetIterator):
@@ -126,6 +158,18 @@ def _shard() -> tuple[int, int]:
   return options.shard_index, options.shard_count
 
 
+def _mixture_datasets(data_dir: str | None, mixture: Mapping[str, float] | str | None) -> list[str]:
+  """The names of the datasets of `data_dir` that `mixture` reads (`example_dataset`'s)."""
+  mixture = DEFAULT_MIXTURE if mixture is None else mixture
+  names = builders.dataset_names(data_dir)
+  if isinstance(mixture, str):
+    return [n for n in names if n in DEFAULT_MIXTURE] or names
+  unknown = sorted(set(mixture) - set(names))
+  if unknown:
+    raise ValueError(f"mixture names {unknown}; the data dir holds {names}")
+  return [n for n in mixture if mixture[n] > 0]
+
+
 def example_dataset(data_dir: str | None = None, split: str = "train",
                     bucket: Bucket = Bucket(), seed: int = 0,
                     mixture: Mapping[str, float] | str | None = None,
@@ -139,14 +183,7 @@ def example_dataset(data_dir: str | None = None, split: str = "train",
   mixture stops when its first dataset runs out.
   """
   mixture = DEFAULT_MIXTURE if mixture is None else mixture
-  names = builders.dataset_names(data_dir)
-  if isinstance(mixture, str):
-    chosen = [n for n in names if n in DEFAULT_MIXTURE] or names
-  else:
-    unknown = sorted(set(mixture) - set(names))
-    if unknown:
-      raise ValueError(f"mixture names {unknown}; the data dir holds {names}")
-    chosen = [n for n in mixture if mixture[n] > 0]
+  chosen = _mixture_datasets(data_dir, mixture)
   sources = {n: builders.open_split(data_dir, n, split) for n in chosen}
   weights = mixture_weights({n: len(s) for n, s in sources.items()},
                             mixture if isinstance(mixture, str) else {n: mixture[n] for n in chosen})
@@ -168,7 +205,8 @@ def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size:
                   shard_by_jax_process: bool = True, bad_data: str = "skip",
                   num_epochs: int | None = None, shuffle: bool = True,
                   tokenizer: Tokenizer | None = None, truncate_images: bool = False,
-                  with_record_ids: bool = False, read_threads: int = 2) -> Pipeline:
+                  with_record_ids: bool = False, read_threads: int = 2,
+                  max_consecutive_bad_records: int = DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS) -> Pipeline:
   """Fixed-shape batches of `split` from the datasets of `data_dir`.
 
   Args:
@@ -188,9 +226,15 @@ def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size:
       treating it as bad data.
     with_record_ids: add `record_id` (str [B]) to each batch, to see which records it holds.
     read_threads: threads prefetching records in each process.
+    max_consecutive_bad_records: after this many bad records in a row (skipped with
+      bad_data="skip"), raise `TooManyBadRecordsError` naming the datasets instead of
+      skipping on (the datasets repeat: one with no good record would never end).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}; expected >= 1")
+  if max_consecutive_bad_records < 1:
+    raise ValueError(f"max_consecutive_bad_records={max_consecutive_bad_records}; expected >= 1 "
+                     "(the bad records in a row after which the pipeline gives up)")
   if not isinstance(bucket, Bucket):
     bucket = Bucket(*bucket)  # a plain (max_images, text_length, image_size) tuple
   if num_workers < 0:
@@ -205,5 +249,6 @@ def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  ds = _DropBadRecords(ds).batch(batch_size, drop_remainder=True)
+  datasets = _mixture_datasets(data_dir, mixture)
+  ds = _DropBadRecords(ds, max_consecutive_bad_records, datasets).batch(batch_size, drop_remainder=True)
   return Pipeline(ds, bucket, batch_size)

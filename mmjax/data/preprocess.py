@@ -18,13 +18,23 @@ becomes a marker `{"bad_record": reason, "record_id": id}` that the pipeline dro
 counts and logs) or raised as `BadRecordError` naming the record (`bad_data="raise"`).
 Text longer than T is not bad when it can be cut at a chunk boundary (before an `<image>`
 or after an `<|endofchunk|>`), keeping at least one text token; the images after the
-cut are dropped with it.
+cut are dropped with it. A run of bad records with no good one between them ends in
+`TooManyBadRecordsError` (the pipeline's `max_consecutive_bad_records`).
+
+Images are decoded by `decode_image` (bytes) and `load_image_file` (a file named on a
+command line); both raise `BadImageError` (a ValueError) with its bad-data reason: an
+image whose header claims more than `MAX_IMAGE_PIXELS` pixels is "image_too_large"
+before a pixel is decoded (a PNG of a few dozen bytes can claim 30000 x 30000), and
+bytes that are not a whole image (garbage, empty, truncated) are "corrupt_image".
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import dataclasses
 import io
+import struct
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -33,7 +43,8 @@ from mmjax.data.tokenizer import Tokenizer
 
 BAD_DATA_POLICIES = ("skip", "raise")
 BAD_REASONS = (
-    "corrupt_image",         # the bytes are not an image PIL can decode
+    "corrupt_image",         # the bytes are not a whole image PIL can decode (or truncated)
+    "image_too_large",       # the image header claims more than MAX_IMAGE_PIXELS pixels
     "too_many_images",       # more images than the bucket's N
     "empty_text",            # no text token besides <image> / <|endofchunk|>
     "text_too_long",         # longer than T with no chunk boundary to cut at
@@ -41,12 +52,59 @@ BAD_REASONS = (
 )
 
 
+# mmjax's own limit, checked on the size in the header before any pixel is decoded; PIL's
+# global `Image.MAX_IMAGE_PIXELS` (it warns above it and refuses above twice it) is left as
+# it is, whatever a program set it to. An 8192 x 8192 RGB image takes 192 MiB to decode, in
+# every worker that decodes one; photos of a 50-megapixel camera (8688 x 5792) pass, and no
+# model here looks at more than a few hundred pixels a side.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 class BadRecordError(ValueError):
   """A record that cannot become an example, with the record's id and the reason."""
 
   def __init__(self, record_id: str, reason: str, detail: str):
     super().__init__(f"record {record_id!r}: {reason}: {detail}")
-    self.record_id, self.reason = record_id, reason
+    self.record_id, self.reason, self.detail = record_id, reason, detail
+
+  def __reduce__(self):  # rebuilt from its own arguments when a grain worker sends it back
+    return type(self), (self.record_id, self.reason, self.detail)
+
+
+class TooManyBadRecordsError(ValueError):
+  """The last `consecutive` records were all bad: the data is broken, not a few records.
+
+  Raised by the pipeline's bad-record counter, so that a dataset (or a mixture) with no
+  good record stops training with this message instead of being skipped forever.
+  """
+
+  def __init__(self, consecutive: int, datasets: Sequence[str], counts: Mapping[str, int],
+               last_record_id: str, last_reason: str):
+    skipped = {reason: n for reason, n in counts.items() if n}
+    super().__init__(
+        f"{consecutive} consecutive bad records from the mixture of datasets {list(datasets)} "
+        f"(the last: {last_record_id!r}, {last_reason}); bad records so far by reason: "
+        f"{skipped}. The data is broken, not a few of its records: fix it (bad_data='raise' "
+        "names the first bad record and why), or, where such a run is expected, raise the "
+        "limit (make_pipeline's max_consecutive_bad_records, the config field "
+        "data.max_consecutive_bad_records).")
+    self.consecutive, self.datasets, self.counts = consecutive, tuple(datasets), skipped
+    self.last_record_id, self.last_reason = last_record_id, last_reason
+
+  def __reduce__(self):
+    return type(self), (self.consecutive, self.datasets, self.counts, self.last_record_id,
+                        self.last_reason)
+
+
+class BadImageError(ValueError):
+  """An image that cannot be decoded; `reason` is its bad-data reason (one of `BAD_REASONS`)."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+  def __reduce__(self):
+    return type(self), (self.reason, str(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +123,68 @@ def _as_str(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def decode_image(data: bytes, image_size: int | None) -> np.ndarray:
-  """Encoded bytes -> uint8 [S, S, 3] (bilinear resize when the size differs; None keeps it)."""
-  with Image.open(io.BytesIO(data)) as image:
-    image = image.convert("RGB")
-    if image_size is not None and image.size != (image_size, image_size):
-      image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+def decode_image(data: bytes, image_size: int | None, name: str = "image") -> np.ndarray:
+  """Encoded bytes -> uint8 [S, S, 3] (bilinear resize when the size differs; None keeps it).
+
+  Raises `BadImageError` naming `name`: "image_too_large" when the header claims more than
+  `MAX_IMAGE_PIXELS` pixels, "corrupt_image" when the bytes are not a whole image.
+  """
+  return _decode(io.BytesIO(data), image_size, name)
+
+
+def load_image_file(path: str, image_size: int) -> np.ndarray:
+  """The image file at `path` -> uint8 [S, S, 3] (S = image_size), for images given by hand.
+
+  Raises ValueError naming the file when it cannot be read, and `BadImageError` (a
+  ValueError) when it claims more than `MAX_IMAGE_PIXELS` pixels or is not a whole image.
+  """
+  if image_size < 1:
+    raise ValueError(f"image_size={image_size}; expected >= 1")
+  try:
+    file = open(path, "rb")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise ValueError(f"image file {path!r} cannot be read: {e.strerror or e}") from e
+  with file:
+    return _decode(file, image_size, f"image file {path!r}")
+
+
+def _decode(file: BinaryIO, image_size: int | None, name: str) -> np.ndarray:
+  try:
+    with Image.open(file) as image:
+      _check_pixels(image.size, name)
+      image = image.convert("RGB")  # PIL decodes lazily: a truncated file fails here
+      if image_size is not None and image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+      return np.asarray(image, dtype=np.uint8)
+  except (BadImageError, MemoryError):
+    raise
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    # PIL's own check in `Image.open` came first (the default refuses 30000 x 30000; the
+    # warning is raised where warnings are errors): name the size when the header says it.
+    size = _png_size(file)
+    if size is not None:
+      _check_pixels(size, name)
+    raise BadImageError("image_too_large", f"{name}: PIL refuses it as too large ({e}); "
+                        f"mmjax's limit is {MAX_IMAGE_PIXELS:,} pixels") from e
+  except Exception as e:  # PIL raises many types for bad bytes  # pylint: disable=broad-except
+    raise BadImageError("corrupt_image", f"{name} cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+def _check_pixels(size: tuple[int, int], name: str) -> None:
+  width, height = size
+  if width * height > MAX_IMAGE_PIXELS:
+    raise BadImageError("image_too_large", f"{name}: the header claims {width} x {height} = "
+                        f"{width * height:,} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} "
+                        "(mmjax.data.preprocess.MAX_IMAGE_PIXELS)")
+
+
+def _png_size(file: BinaryIO) -> tuple[int, int] | None:
+  """(width, height) from a PNG's IHDR chunk, or None for anything else."""
+  file.seek(0)
+  header = file.read(24)
+  if len(header) < 24 or header[:8] != b"\x89PNG\r\n\x1a\n" or header[12:16] != b"IHDR":
+    return None
+  return struct.unpack(">II", header[16:24])
 
 
 class ExampleBuilder:
@@ -120,9 +233,9 @@ class ExampleBuilder:
     pixels = np.zeros((n_max, bucket.image_size, bucket.image_size, 3), np.uint8)
     for k, data in enumerate(images[:n_images]):
       try:
-        pixels[k] = decode_image(bytes(data), bucket.image_size)
-      except Exception as e:  # PIL raises many types for bad bytes  # pylint: disable=broad-except
-        raise BadRecordError(record_id, "corrupt_image", f"image {k} cannot be decoded ({e})") from e
+        pixels[k] = decode_image(bytes(data), bucket.image_size, f"image {k}")
+      except BadImageError as e:
+        raise BadRecordError(record_id, e.reason, str(e)) from e
     input_ids = np.full((t_max,), tok.pad_id, np.int32)
     input_ids[:len(ids)] = ids
     targets = np.full((t_max,), tok.pad_id, np.int32)
