@@ -64,6 +64,9 @@ def get_config(arg=None):
   c.data.text_length = 32
   c.data.image_size = 64
   c.data.num_workers = 0
+  # Stop with an error naming the datasets after this many bad records in a row (>= 1):
+  # the datasets repeat, so one with no good record would otherwise be skipped forever.
+  c.data.max_consecutive_bad_records = 1000
   # Weights of the datasets ("name:weight,..."); empty: mmjax.data.DEFAULT_MIXTURE.
   # One image per example here, so the interleaved documents (2-5 images) are left out.
   # Captions name every shape left to right: twice the questions' weight, the tower learns
