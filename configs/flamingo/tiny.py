@@ -119,6 +119,8 @@ def get_config(arg=None):
   c.train.num_steps = 900
   # 'stop': a non-finite loss stops the run naming the step; 'skip': drop that update.
   c.train.nan_policy = "stop"
+  # With 'skip': stop anyway after this many skipped updates in a row (the run has diverged).
+  c.train.max_consecutive_skips = 5
   # Rematerialisation: 'none'; 'layers' (each decoder layer, in the model); 'full' or
   # 'dots' (the whole forward pass, keeping nothing or only matmul outputs).
   c.train.remat = "none"

@@ -27,6 +27,7 @@ from mmjax.train import config as config_lib
 from mmjax.train import loop
 from mmjax.train import step as step_lib
 from mmjax.train import task as task_lib
+from mmjax.train import workdir as workdir_lib
 
 EVAL_FILE = "eval.json"
 
@@ -139,7 +140,7 @@ def caption_cider(config: ml_collections.ConfigDict, gen: Generator, *, limit: i
 def load(workdir: str):
   """(config, task, step, params) of the newest complete checkpoint of a work directory."""
   config = config_lib.read_resolved(workdir)
-  task = task_lib.flamingo_task(config)
+  task = task_lib.flamingo_task(config, workdir)
   step, params = loop.restore_params(config, workdir, task)
   return config, task, step, params
 
@@ -154,11 +155,19 @@ def accuracy_by_kind(rows: list[dict]) -> dict[str, float]:
 
 def evaluate(workdir: str, *, num_questions: int | None = None, few_shot_k: int | None = None,
              with_cider: bool = True, loaded=None) -> dict:
-  """All metrics of a work directory; also written to `WORKDIR/eval.json`."""
+  """All metrics of a work directory; also written to `WORKDIR/eval.json`.
+
+  Reads the work directory and writes only `eval.json` (whole or not at all); whether it
+  can be written is checked first, before any time is spent evaluating.
+  """
+  if not os.path.isdir(workdir):
+    raise ValueError(f"work directory {workdir!r} does not exist; expected one written by `mmjax train`")
+  out_path = os.path.join(workdir, EVAL_FILE)
+  _check_writable(out_path)
   config, task, step, params = loaded or load(workdir)
   limit = int(config.eval.num_questions) if num_questions is None else num_questions
   k = int(config.eval.few_shot_k) if few_shot_k is None else few_shot_k
-  tok = task_lib.load_tokenizer(config)
+  tok = task_lib.load_tokenizer(config, workdir)
   gen = Generator(task.apply_fn, params, tok)
   eval_step = jax.jit(step_lib.make_eval_step(task.apply_fn))
   res = {"step": step, "blank_images": bool(config.data.blank_images)}
@@ -171,6 +180,16 @@ def evaluate(workdir: str, *, num_questions: int | None = None, few_shot_k: int 
     res[f"qa_{k}_shot"], _ = qa_accuracy(config, gen, shots=k, limit=limit, max_new_tokens=max_new)
   if with_cider:
     res["cider"] = caption_cider(config, gen, limit=min(limit or 100, 100))
-  with open(os.path.join(workdir, EVAL_FILE), "w") as f:
-    json.dump(res, f, indent=2)
+  workdir_lib.atomic_write(out_path, json.dumps(res, indent=2).encode())
   return res
+
+
+def _check_writable(path: str) -> None:
+  probe = f"{path}.probe-{os.getpid()}"
+  try:
+    with open(probe, "wb"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(e.errno, f"cannot write the results to {path} ({e.strerror}); nothing was evaluated. Make "
+                  "the work directory writable, or copy it somewhere writable and evaluate the copy") from None

@@ -17,11 +17,14 @@ a TPU pod) run the same code, each feeding its own rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -32,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import sharding as sh
+from mmjax.errors import MmjaxError
 from mmjax.scale import step as scale_step
 from mmjax.train import checkpoint as checkpoint_lib
 from mmjax.train import config as config_lib
@@ -40,11 +44,12 @@ from mmjax.train import metrics as metrics_lib
 from mmjax.train import optimizer as optimizer_lib
 from mmjax.train import state as state_lib
 from mmjax.train import step as step_lib
+from mmjax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(MmjaxError, RuntimeError):
   """The loss or gradient norm was not finite (and `train.nan_policy == 'stop'`)."""
 
 
@@ -67,6 +72,9 @@ class Task:
   # (`jax.eval_shape(module.init, ...)['params']`), which the sharding rules read; None:
   # every parameter is replicated (a model with no logical annotations).
   boxed_params: Callable[[jax.Array], Any] | None = None
+  # () -> {file name: bytes} the run depends on (the tokenizer): copied into the work
+  # directory at the first start, compared at every resume (`workdir.record_files`).
+  workdir_files: Callable[[], dict[str, bytes]] | None = None
 
 
 def process_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -180,10 +188,17 @@ def evaluate_loss(eval_step, params, batches: Iterable[dict], config, max_batche
   return total / max(count, 1.0)
 
 
+class _Interrupted(Exception):
+  """SIGTERM arrived while the loop was blocked outside a step (reading data)."""
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks once per step.
 
-  One process: a Python SIGTERM handler sets the flag. Several: JAX's preemption
+  One process: a Python SIGTERM handler sets the flag; inside `interruptible()` (the
+  data loader, which can block for as long as its source does) it also raises
+  `_Interrupted`, so the run stops within moments whatever the loader is doing, and saves
+  the state of the last completed step. Several: JAX's preemption
   service (started by `jax.distributed.initialize`) catches the signal on whichever
   process gets it and agrees with every process on the step at which all of them stop
   (`multihost_utils.reached_preemption_sync_point`), so they save the same step together.
@@ -192,7 +207,12 @@ class _Preemption:
   def __init__(self):
     self.requested = False
     self._old = None
+    self._blocking = False
     self.multiprocess = jax.process_count() > 1
+
+  def interruptible(self):
+    """A context in which SIGTERM raises `_Interrupted` instead of only setting the flag."""
+    return _Blocking(self)
 
   def check(self, step: int) -> bool:
     if self.multiprocess:
@@ -213,10 +233,27 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     self.requested = True
+    if self._blocking:
+      self._blocking = False
+      raise _Interrupted()
 
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+
+class _Blocking:
+
+  def __init__(self, preemption: _Preemption):
+    self.preemption = preemption
+
+  def __enter__(self):
+    if self.preemption.requested and not self.preemption.multiprocess:
+      raise _Interrupted()
+    self.preemption._blocking = True  # pylint: disable=protected-access
+
+  def __exit__(self, *exc):
+    self.preemption._blocking = False  # pylint: disable=protected-access
 
 
 def _say(message: str):
@@ -233,15 +270,87 @@ def _fmt_policy(config) -> str:
   return policy
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, allow_config_change: bool = False,
+          restart: bool = False) -> dict:
   """Trains into `workdir` (resuming there if it holds checkpoints); returns a summary dict.
 
   Summary keys: `start_step` (where this run began), `step` (where it stopped),
-  `preempted` (SIGTERM), `last_loss`, `val_loss` (if evaluated).
+  `preempted` (SIGTERM), `last_loss`, `skipped_steps`, `val_loss` (if evaluated).
+
+  The run owns `workdir` while it trains (`workdir.TrainLock`); a config that changes
+  what the directory's run is raises `workdir.ConfigChanged` before anything is written,
+  unless `allow_config_change` (resume under the new config) or `restart` (move the old
+  run to `workdir/previous/` and start at step 0).
   """
+  _fmt_policy(config)
+  _max_consecutive_skips(config)
+  with _own_workdir(config, workdir, task, allow_config_change=allow_config_change, restart=restart):
+    return _train(config, workdir, task)
+
+
+def _max_consecutive_skips(config) -> int:
+  n = int(config.train.get("max_consecutive_skips", 5))
+  if n < 1:
+    raise ValueError(f"train.max_consecutive_skips={n}; expected a count >= 1")
+  return n
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """Process 0's `ok`, on every process (so that a refusal on process 0 stops the whole job)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok, np.int32)))
+
+
+@contextlib.contextmanager
+def _own_workdir(config, workdir: str, task: Task, *, allow_config_change: bool, restart: bool):
+  """Checks and holds `workdir` for a training run; see `train`."""
+  first = jax.process_index() == 0
+  if not workdir_lib.is_local(workdir):
+    log.warning("%s is not a local path: it is not locked, so run one training per work directory", workdir)
+    yield
+    return
+  lock = workdir_lib.TrainLock(workdir, command=" ".join(sys.argv) or "mmjax train")
+  held = False
+  error = None
+  if first:
+    try:
+      workdir_lib.ensure_writable(workdir)
+      lock.__enter__()
+      held = True
+    except (OSError, workdir_lib.WorkdirLocked) as e:
+      error = e
+  if not _all_processes_agree(error is None):
+    raise error if error is not None else workdir_lib.WorkdirLocked(
+        f"process 0 of this job could not take work directory {workdir!r}; see its output")
+  try:
+    if lock.taken_over:
+      _say(f"took over the lock of a training that is no longer running: {lock.taken_over}")
+    if restart and first:
+      moved = workdir_lib.start_over(workdir)
+      if moved:
+        _say(f"--restart: the previous run in {workdir} was moved to {moved}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mmjax_restart")  # the move is done before anyone reads
+    recorded = None
+    if os.path.exists(os.path.join(workdir, config_lib.RESOLVED_CONFIG)):
+      with open(os.path.join(workdir, config_lib.RESOLVED_CONFIG)) as f:
+        recorded = json.load(f)
+    workdir_lib.check_resume(workdir, recorded, json.loads(config.to_json_best_effort()),
+                             allow_change=allow_config_change)
+    if task.workdir_files is not None:
+      workdir_lib.record_files(workdir, task.workdir_files(), write=first)
+    config_lib.write_resolved(config, workdir)
+    yield
+  finally:
+    if held:
+      lock.__exit__(None, None, None)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
   policy = _fmt_policy(config)
+  max_skips = _max_consecutive_skips(config)
   num_steps = int(config.train.num_steps)
-  config_lib.write_resolved(config, workdir)
   stages = optimizer_lib.parse_stages(str(config.freeze.stages))
   schedule = optimizer_lib.make_schedule(config)
   seed = int(config.seed)
@@ -328,14 +437,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
   flops = {}
   peak = flops_lib.peak_flops_per_device(float(config.log.peak_tflops))
   n_dev = jax.device_count()
-  summary = {"start_step": start_step, "step": step, "preempted": False, "last_loss": None}
+  summary = {"start_step": start_step, "step": step, "preempted": False, "last_loss": None, "skipped_steps": 0}
   pending = None  # (step, metrics on device, batch stats) of the step dispatched last
   last_done = time.perf_counter()
   cur_stage, step_fn = None, None
-  skipped = 0
+  skips = {"total": 0, "consecutive": 0}
 
   def flush(pending):
-    nonlocal last_done, skipped
+    nonlocal last_done
     s, m, ntok, nimg, stage_i = pending
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     now = time.perf_counter()
@@ -348,27 +457,49 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
       if stage_i not in flops:
         flops[stage_i] = task.flops_per_example(stages[stage_i].trainable)
       m["mfu"] = flops[stage_i] * bsz / dt / (peak * n_dev)
+    finite = m["finite"] >= 1.0
+    skips["consecutive"] = 0 if finite else skips["consecutive"] + 1
+    skips["total"] += 0 if finite else 1
+    m["skipped_steps"] = float(skips["total"])  # updates skipped so far in this run
     writer.write(s, "train", m)
     writer.progress(s, m)
     summary["last_loss"] = m["loss"]
-    if m["finite"] < 1.0:
-      done = ckpt.steps()
-      where = f"checkpoint step {done[-1]}" if done else "no checkpoint (restart from scratch)"
-      if policy == "stop":
-        raise TrainingDiverged(
-            f"loss={m['loss']} grad_norm={m['grad_norm']} at step {s}; the update was not applied. "
-            f"Resume from {where} in {ckpt.directory} by rerunning the same command "
-            f"(lower --config.optimizer.lr or set --config.train.nan_policy=skip)")
-      skipped += 1
-      log.warning("step %d: loss=%s grad_norm=%s is not finite; update skipped (%d so far)",
-                  s, m["loss"], m["grad_norm"], skipped)
+    summary["skipped_steps"] = skips["total"]
+    if finite:
+      return
+    done = ckpt.steps()
+    where = f"checkpoint step {done[-1]}" if done else "no checkpoint (restart from scratch)"
+    if policy == "stop" or skips["consecutive"] >= max_skips:
+      why = ("" if policy == "stop" else
+             f"{skips['consecutive']} updates in a row were skipped (train.max_consecutive_skips={max_skips}); ")
+      raise TrainingDiverged(
+          f"{why}loss={m['loss']} grad_norm={m['grad_norm']} at step {s}; the update was not applied. "
+          f"Resume from {where} in {ckpt.directory} by rerunning the same command "
+          "(lower --config.optimizer.lr" + (" or set --config.train.nan_policy=skip)" if policy == "stop" else ")"))
+    log.warning("step %d: loss=%s grad_norm=%s is not finite; update skipped (%d so far, %d in a row)",
+                s, m["loss"], m["grad_norm"], skips["total"], skips["consecutive"])
+
+  def stop_for_sigterm():
+    log.warning("SIGTERM: saving step %d and exiting", step)
+    ckpt.save(step, state, gather_data_states(data_state), config, force=True)
+    summary["preempted"] = True
 
   bsz = 0
+  data_state = data.get_state()  # the position after the last batch a completed step used
   try:
     with _Preemption() as preempt:
       while step < num_steps:
         si = optimizer_lib.stage_index(stages, step)
-        batch = prepare_batch(config, next(data))
+        try:
+          with preempt.interruptible():
+            raw = next(data)
+        except _Interrupted:
+          if pending is not None:
+            flush(pending)
+            pending = None
+          stop_for_sigterm()
+          break
+        batch = prepare_batch(config, raw)
         data_state = data.get_state()
         if si != cur_stage:
           cur_stage, step_fn = si, build_step(si, put.global_shape(batch))
@@ -403,9 +534,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         if preempt.check(step):
           flush(pending)
           pending = None
-          log.warning("SIGTERM: saving step %d and exiting", step)
-          ckpt.save(step, state, gather_data_states(data_state), config, force=True)
-          summary["preempted"] = True
+          stop_for_sigterm()
           break
       if pending is not None:
         flush(pending)
@@ -430,7 +559,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, task: Task):
     return jax.eval_shape(lambda: state_lib.create(task.init_params(jax.random.key(int(config.seed))), txs[i],
                                                    int(config.seed), step))
 
-  ckpt = checkpoint_lib.Checkpointer(workdir, config)
+  ckpt = checkpoint_lib.Checkpointer(workdir, config, read_only=True)
   try:
     restored = ckpt.restore_latest(template)
   finally:

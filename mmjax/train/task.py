@@ -11,6 +11,7 @@ analytic FLOP count.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import flax
@@ -49,12 +50,44 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
   return os.path.abspath(os.path.expanduser(str(config.data.dir) or data_lib.default_data_dir()))
 
 
-def load_tokenizer(config: ml_collections.ConfigDict) -> data_lib.Tokenizer:
+# A work directory's own copy of the tokenizer it trains with (`workdir.record_files`).
+TOKENIZER_COPY = "tokenizer.model"
+
+
+def tokenizer_file(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
+  """The tokenizer a run uses: its work directory's copy once there is one (the data
+  directory's may have been retrained since, and the checkpoints' ids are the copy's),
+  else the data directory's."""
+  if workdir is not None:
+    copy = os.path.join(workdir, TOKENIZER_COPY)
+    if os.path.exists(copy):
+      return copy
   d = data_dir(config)
   try:
-    return data_lib.load_tokenizer(d)
+    return data_lib.tokenizer_path(d)
   except (OSError, ValueError, KeyError) as e:
     raise ValueError(f"no dataset in {d!r} ({e}); build it with `mmjax data build --data-dir {d}`") from None
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = None) -> data_lib.Tokenizer:
+  return data_lib.Tokenizer.load(tokenizer_file(config, workdir))
+
+
+def _read_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> bytes:
+  path = tokenizer_file(config, workdir)
+  with open(path, "rb") as f:
+    content = f.read()
+  if workdir is not None and path == os.path.join(workdir, TOKENIZER_COPY):
+    try:
+      with open(tokenizer_file(config), "rb") as f:
+        changed = f.read() != content
+    except (OSError, ValueError):
+      changed = False
+    if changed:
+      logging.getLogger(__name__).warning(
+          "the tokenizer of data directory %s is not the one %s was trained with; using the work directory's "
+          "copy %s (train into a new --workdir to use the new one)", data_dir(config), workdir, path)
+  return content
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer) -> flamingo.FlamingoConfig:
@@ -136,8 +169,11 @@ def example_batch(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokeniz
           "loss_mask": np.zeros(ids.shape, np.float32)}
 
 
-def flamingo_task(config: ml_collections.ConfigDict) -> loop.Task:
-  tokenizer = load_tokenizer(config)
+def flamingo_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> loop.Task:
+  """The loop's Task for `config`; with `workdir`, on the tokenizer that work directory
+  trains with (`tokenizer_file`)."""
+  tokenizer_bytes = _read_tokenizer(config, workdir)
+  tokenizer = data_lib.Tokenizer(tokenizer_bytes)
   cfg = model_config(config, tokenizer)
   model = Model(cfg, example_batch(config, tokenizer), float(config.init.gate_value))
   d, bk = data_dir(config), bucket(config)
@@ -162,4 +198,4 @@ def flamingo_task(config: ml_collections.ConfigDict) -> loop.Task:
   return loop.Task(init_params=model.init, apply_fn=model.apply, param_labels=flamingo.param_labels,
                    train_data=train_data, val_data=val_data,
                    flops_per_example=lambda trainable: flops_lib.train_flops_per_example(fwd, trainable),
-                   boxed_params=model.boxed)
+                   boxed_params=model.boxed, workdir_files=lambda: {TOKENIZER_COPY: tokenizer_bytes})

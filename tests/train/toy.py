@@ -9,6 +9,7 @@ opening the gates. Iterator state is `{"index": i}`.
 from __future__ import annotations
 
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -74,14 +75,21 @@ def make_batch(index: int, batch_size: int = 8, text_length: int = 6, seed: int 
 
 
 class ToyData:
-  def __init__(self, batch_size: int):
+  """The toy stream; with `stall_at`, batch `stall_at` never comes (a source that hangs:
+  a dead network mount, a data loader skipping bad records without end)."""
+
+  def __init__(self, batch_size: int, stall_at: int | None = None):
     self.index = 0
     self.batch_size = batch_size
+    self.stall_at = stall_at
 
   def __iter__(self):
     return self
 
   def __next__(self):
+    if self.stall_at is not None and self.index >= self.stall_at:
+      while True:
+        time.sleep(0.05)
     batch = make_batch(self.index, self.batch_size)
     self.index += 1
     return batch
@@ -93,8 +101,9 @@ class ToyData:
     self.index = int(state["index"])
 
 
-def task(config) -> loop.Task:
-  model = ToyFlamingo()
+def task(config, *, width: int = 16, stall_at: int | None = None) -> loop.Task:
+  """The toy Task; `width` changes every parameter's shape, `stall_at` hangs the data there."""
+  model = ToyFlamingo(width)
   example = make_batch(0, 2)
 
   def init_params(key):
@@ -106,7 +115,7 @@ def task(config) -> loop.Task:
 
   bsz = int(config.data.batch_size)
   return loop.Task(init_params=init_params, apply_fn=apply_fn, param_labels=labels,
-                   train_data=lambda: ToyData(bsz),
+                   train_data=lambda: ToyData(bsz, stall_at),
                    val_data=lambda: [make_batch(10_000 + i, bsz) for i in range(2)],
                    flops_per_example=lambda trainable: 1e6)
 
