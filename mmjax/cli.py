@@ -2,12 +2,15 @@
 
 Each verb lives beside the code it drives and exposes ``main(argv) -> int``; this file
 only routes to it, importing the verb's module when it is used so that `mmjax --help`
-stays fast.
+stays fast. Expected failures (`mmjax.errors.expected_error`) print one line `mmjax VERB: message`
+and exit 2 (1 for a stopped training); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import sys
+
+from mmjax import errors
 
 
 def _data(argv):
@@ -87,7 +90,16 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f"mmjax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
-  return COMMANDS[name][0](rest) or 0
+  try:
+    return COMMANDS[name][0](rest) or 0
+  except KeyboardInterrupt:
+    print(f"mmjax {name}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 -- sorted below: expected ones are one line
+    if not errors.expected_error(e):
+      raise
+    print(f"mmjax {name}: {errors.describe_error(e)}", file=sys.stderr)
+    return 1 if type(e).__name__ == "TrainingDiverged" else 2
 
 
 if __name__ == "__main__":

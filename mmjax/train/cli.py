@@ -6,15 +6,20 @@
   mmjax plot --workdir DIR --out curves.png
   mmjax demo --workdir work/flamingo-tiny
 
-Each returns an exit status; errors in the user's input print one line and return 2.
+Each returns an exit status; expected errors (bad input, a locked or changed work
+directory, a full disk: `mmjax.cli.expected_error`) print one line and return 2, a stopped
+(diverged) training returns 1. Every verb answers `--help`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
+
+from mmjax import errors
 
 TINY = "flamingo/tiny"  # a shipped config (mmjax.train.config.resolve_config_path)
 
@@ -28,39 +33,59 @@ def _quiet_tpu_probe():
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 
-def _fail(prog: str, err: Exception) -> int:
-  print(f"{prog}: {err}", file=sys.stderr)
-  return 2
+def _verb(prog: str):
+  """Turns the expected errors of a verb into one line on stderr and its exit status."""
+  def wrap(main):
+    @functools.wraps(main)
+    def run(argv: list[str]) -> int:
+      try:
+        return main(argv)
+      except Exception as e:  # noqa: BLE001 -- only expected errors are caught
+        if not errors.expected_error(e):
+          raise
+        diverged = type(e).__name__ == "TrainingDiverged"
+        print(f"{prog}: {'stopped: ' if diverged else ''}{errors.describe_error(e)}", file=sys.stderr)
+        return 1 if diverged else 2
+    return run
+  return wrap
 
 
+TRAIN_FLAGS = {
+    "workdir": (None, "work directory (required); a rerun resumes there"),
+    "restart": (False, "start over in --workdir: its previous run moves to WORKDIR/previous/<time>/"),
+    "allow_config_change": (False, "resume the checkpoints in --workdir under a config that differs from the one "
+                                   "the run was started with"),
+}
+
+
+@_verb("mmjax train")
 def train_main(argv: list[str]) -> int:
   _quiet_tpu_probe()
   from mmjax.train import config as config_lib
+  try:
+    config, extra = config_lib.parse_flags(argv, prog="mmjax train", extra=TRAIN_FLAGS, require_config=False)
+  except config_lib.HelpRequested as h:
+    print(h)
+    return 0
   from mmjax.train import loop
   from mmjax.train import task as task_lib
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
-    config, extra = config_lib.parse_flags(argv, prog="mmjax train", extra={"workdir": (None, "work directory")},
-                                           require_config=False)
-    workdir = extra["workdir"]
-    if not workdir:
-      raise ValueError("--workdir=DIR is required")
-    if config is None:  # `mmjax train --workdir DIR` resumes with the config written there
-      config = config_lib.read_resolved(workdir)
-    task = task_lib.flamingo_task(config)
-  except ValueError as e:
-    return _fail("mmjax train", e)
-  try:
-    summary = loop.train(config, workdir, task)
-  except loop.TrainingDiverged as e:
-    print(f"mmjax train: stopped: {e}", file=sys.stderr)
-    return 1
+  workdir = extra["workdir"]
+  if not workdir:
+    raise ValueError("--workdir=DIR is required")
+  if config is None:  # `mmjax train --workdir DIR` resumes with the config written there
+    config = config_lib.read_resolved(workdir)
+  task = task_lib.flamingo_task(config, workdir=None if extra["restart"] else workdir)
+  summary = loop.train(config, workdir, task, allow_config_change=extra["allow_config_change"],
+                       restart=extra["restart"])
   what = "preempted (SIGTERM), saved" if summary["preempted"] else "done"
+  skipped = f"; {summary['skipped_steps']} updates skipped (not finite)" if summary["skipped_steps"] else ""
   print(f"mmjax train: {what} at step {summary['step']} (started at {summary['start_step']}); "
-        f"last loss {summary['last_loss']}")
+        f"last loss {summary['last_loss']}{skipped}")
   return 0
 
 
+@_verb("mmjax eval")
 def eval_main(argv: list[str]) -> int:
   _quiet_tpu_probe()
   from mmjax.train import evaluate
@@ -70,22 +95,21 @@ def eval_main(argv: list[str]) -> int:
   p.add_argument("--few-shot", type=int, default=None, help="in-context examples (default: the config's)")
   p.add_argument("--no-cider", action="store_true")
   args = p.parse_args(argv)
-  try:
-    res = evaluate.evaluate(args.workdir, num_questions=args.num_questions, few_shot_k=args.few_shot,
-                            with_cider=not args.no_cider)
-  except ValueError as e:
-    return _fail("mmjax eval", e)
+  res = evaluate.evaluate(args.workdir, num_questions=args.num_questions, few_shot_k=args.few_shot,
+                          with_cider=not args.no_cider)
   for k, v in res.items():
     if k != "examples":
       print(f"{k:>14}: {v:.4f}" if isinstance(v, float) else f"{k:>14}: {v}")
   return 0
 
 
+@_verb("mmjax generate")
 def generate_main(argv: list[str]) -> int:
   _quiet_tpu_probe()
   import jax
   import numpy as np
-  from PIL import Image
+  from mmjax.data import preprocess
+  from mmjax.train import config as config_lib
   from mmjax.train import evaluate
   from mmjax.train import task as task_lib
   p = argparse.ArgumentParser(prog="mmjax generate", description="answer a prompt about images")
@@ -96,29 +120,28 @@ def generate_main(argv: list[str]) -> int:
   p.add_argument("--sampling", default="greedy", help="greedy, or a mmjax.infer sampling name (top_p, ...)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  try:
-    n_tokens = args.prompt.count("<image>")
-    if n_tokens != len(args.image) or not args.image:
-      raise ValueError(f"the prompt has {n_tokens} <image> tokens but {len(args.image)} --image files were "
-                       "given; expected one image (at least) per <image>")
-    config, task, _, params = evaluate.load(args.workdir)
-    size = int(config.data.image_size)
-    images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC), np.uint8)
-                       for f in args.image])
-    tok = task_lib.load_tokenizer(config)
-    ids = np.asarray(tok.encode_prompt(args.prompt), np.int32)  # BOS first, as in training
-    # The cached generator of mmjax.infer: media K/V once, a KV cache, greedy or sampled.
-    from mmjax.infer import generate
-    out = generate(task_lib.model_config(config, tok), {"params": params}, images[None], ids[None],
-                   args.max_new_tokens, sampling=args.sampling, rng=jax.random.key(args.seed),
-                   eos_token_id=tok.end_of_chunk_id, pad_id=tok.pad_id)
-    text = tok.decode([int(t) for t in np.asarray(out.tokens)[0]])
-  except (ValueError, OSError) as e:
-    return _fail("mmjax generate", e)
+  n_tokens = args.prompt.count("<image>")
+  if n_tokens != len(args.image) or not args.image:
+    raise ValueError(f"the prompt has {n_tokens} <image> tokens but {len(args.image)} --image files were "
+                     "given; expected one image (at least) per <image>")
+  config = config_lib.read_resolved(args.workdir)
+  size = int(config.data.image_size)
+  # Images first: a bad file is reported before the model is loaded.
+  images = np.stack([preprocess.load_image_file(f, size) for f in args.image])
+  config, task, _, params = evaluate.load(args.workdir)
+  tok = task_lib.load_tokenizer(config, args.workdir)
+  ids = np.asarray(tok.encode_prompt(args.prompt), np.int32)  # BOS first, as in training
+  # The cached generator of mmjax.infer: media K/V once, a KV cache, greedy or sampled.
+  from mmjax.infer import generate
+  out = generate(task_lib.model_config(config, tok), {"params": params}, images[None], ids[None],
+                 args.max_new_tokens, sampling=args.sampling, rng=jax.random.key(args.seed),
+                 eos_token_id=tok.end_of_chunk_id, pad_id=tok.pad_id)
+  text = tok.decode([int(t) for t in np.asarray(out.tokens)[0]])
   print(text.split("<|endofchunk|>")[0].strip())
   return 0
 
 
+@_verb("mmjax plot")
 def plot_main(argv: list[str]) -> int:
   _quiet_tpu_probe()
   from mmjax.train import plot
@@ -126,14 +149,12 @@ def plot_main(argv: list[str]) -> int:
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", default=None, help="default: WORKDIR/curves.png")
   args = p.parse_args(argv)
-  try:
-    out = plot.plot(args.workdir, args.out or os.path.join(args.workdir, "curves.png"))
-  except ValueError as e:
-    return _fail("mmjax plot", e)
+  out = plot.plot(args.workdir, args.out or os.path.join(args.workdir, "curves.png"))
   print(out)
   return 0
 
 
+@_verb("mmjax demo")
 def demo_main(argv: list[str]) -> int:
   _quiet_tpu_probe()
   from mmjax.train import demo
@@ -146,9 +167,6 @@ def demo_main(argv: list[str]) -> int:
   p.add_argument("--data-image-size", type=int, default=None, help="stored image side in pixels (default: 64)")
   p.add_argument("overrides", nargs="*", help="--config.x.y=value overrides for both runs")
   args, unknown = p.parse_known_args(argv)
-  try:
-    return demo.run(args.workdir, config_path=args.config, data_dir=args.data_dir,
-                    overrides=[*args.overrides, *unknown], with_blank=not args.skip_blank,
-                    data_size=args.data_size, data_image_size=args.data_image_size)
-  except ValueError as e:
-    return _fail("mmjax demo", e)
+  return demo.run(args.workdir, config_path=args.config, data_dir=args.data_dir,
+                  overrides=[*args.overrides, *unknown], with_blank=not args.skip_blank,
+                  data_size=args.data_size, data_image_size=args.data_image_size)

@@ -78,28 +78,80 @@ def _resolve_config_flag(argv: Sequence[str]) -> list[str]:
   return out
 
 
-def parse_flags(argv: Sequence[str], *, prog: str, extra: dict[str, tuple[str | None, str]] | None = None,
-                require_config: bool = True) -> tuple[ml_collections.ConfigDict | None, dict[str, str | None]]:
+def _underscored(arg: str, extra: dict) -> str:
+  """`--allow-config-change` as absl spells the flag (`--allow_config_change`), for `extra` flags."""
+  name, sep, value = arg.partition("=")
+  bare = name.lstrip("-").replace("-", "_")
+  if name.startswith("--") and (bare in extra or (bare.startswith("no") and bare[2:] in extra)):
+    return "--" + bare + sep + value
+  return arg
+
+
+class HelpRequested(Exception):
+  """`-h`/`--help` was given: the text to print, and nothing else to do."""
+
+
+def _usage(prog: str, extra: dict[str, tuple[str | bool | None, str]], config_value: str | None) -> str:
+  dashed = {name: name.replace("_", "-") for name in extra}
+  lines = [f"usage: {prog} [--config=FILE_OR_NAME] " + " ".join(f"[--{dashed[n]}]" for n in extra)
+           + " [--config.x.y=VALUE ...]",
+           "", "options:",
+           f"  --config=FILE_OR_NAME   experiment config: a file, or a shipped name ({', '.join(builtin_configs())})"]
+  for name, (default, help_) in extra.items():
+    lines.append(f"  --{dashed[name]:<21} {help_}" + (f" (default: {default})" if default not in (None, False) else ""))
+  lines.append("  --config.x.y=VALUE      override any field of the config, type-checked")
+  if config_value is not None:
+    fields = _flat_fields(load_config(config_value))
+    lines += ["", f"fields of {config_value} (override with --config.FIELD=VALUE):"]
+    lines += [f"  {k} = {v!r}" for k, v in fields]
+  else:
+    lines += ["", "give --config=... with --help to list every field of that config and its value"]
+  return "\n".join(lines)
+
+
+def _flat_fields(config, prefix: str = "") -> list[tuple[str, object]]:
+  out = []
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out += _flat_fields(v, f"{prefix}{k}.")
+    else:
+      out.append((f"{prefix}{k}", v))
+  return out
+
+
+def parse_flags(argv: Sequence[str], *, prog: str, extra: dict[str, tuple[str | bool | None, str]] | None = None,
+                require_config: bool = True) -> tuple[ml_collections.ConfigDict | None, dict[str, object]]:
   """Parses `--config=FILE [--config.x.y=v ...] [--NAME=value ...]`.
 
-  `extra` maps flag names to (default, help) for string flags such as `--workdir`.
-  Returns the resolved config (None when `--config` is absent and not required) and the
-  values of the extra flags. Raises ValueError on an unknown flag or a bad override.
+  `extra` maps flag names to (default, help): string flags such as `--workdir`, or boolean
+  switches when the default is a bool (`--restart`). Returns the resolved config (None when
+  `--config` is absent and not required) and the values of the extra flags. Raises
+  ValueError on an unknown flag or a bad override, and `HelpRequested` with the usage text
+  for `-h`/`--help`.
   """
+  extra = extra or {}
+  if "-h" in argv or "--help" in argv:
+    _, i = config_argument(argv)
+    config_value = config_argument(argv)[0][i][len("--config="):] if i is not None else None
+    raise HelpRequested(_usage(prog, extra, config_value))
+  argv = [_underscored(a, extra) for a in argv]
   fv = flags.FlagValues()
   full = [prog, *_resolve_config_flag(argv)]
   config_flags.DEFINE_config_file("config", default=None, help_string="experiment config file", flag_values=fv,
                                   lock_config=True, sys_argv=full)
-  for name, (default, help_) in (extra or {}).items():
-    flags.DEFINE_string(name, default, help_, flag_values=fv)
+  for name, (default, help_) in extra.items():
+    if isinstance(default, bool):
+      flags.DEFINE_bool(name, default, help_, flag_values=fv)
+    else:
+      flags.DEFINE_string(name, default, help_, flag_values=fv)
   try:
     fv(full)
   except (flags.Error, KeyError, AttributeError, TypeError) as e:
-    raise ValueError(f"{prog}: bad command line {list(argv)}: {e}") from None
+    raise ValueError(f"bad command line: {e}") from None
   config = fv.config
   if config is None and require_config:
-    raise ValueError(f"{prog}: --config is required: a config file or one of {', '.join(builtin_configs())}")
-  return config, {name: fv[name].value for name in (extra or {})}
+    raise ValueError(f"--config is required: a config file or one of {', '.join(builtin_configs())}")
+  return config, {name: fv[name].value for name in extra}
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
