@@ -3,11 +3,13 @@ never a traceback (issue 13, defects 8, 10 and 11): bad config values, a read-on
 directory, an evaluation that could not write its results, image files that are bombs or
 cut short, and `--help` on every verb."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 import mmjax.cli
 from mmjax.data import builders
@@ -131,3 +133,34 @@ def test_an_unexpected_error_keeps_its_traceback():
       mmjax.cli.main(["broken"])
   finally:
     del mmjax.cli.COMMANDS["broken"]
+
+
+def test_retraining_the_data_directorys_tokenizer_leaves_a_trained_work_directory_working(data_dir, tmp_path,
+                                                                                        capsys):
+  # The data directory is this test's own: the import below changes its tokenizer.
+  data = str(tmp_path / "data")
+  subprocess.run(["cp", "-a", data_dir, data], check=True)
+  wd = str(tmp_path / "run")
+  assert cli.train_main(_train_args(data, wd)) == 0
+  checkpoints = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+  # `mmjax data import --retrain-tokenizer`: a new tokenizer for the whole data directory.
+  (tmp_path / "images").mkdir()
+  Image.new("RGB", (4, 4), (200, 30, 30)).save(tmp_path / "images" / "red.png")
+  (tmp_path / "mine.jsonl").write_text(json.dumps({"images": ["red.png"], "text": "<image>zebras quaff jam."}))
+  from mmjax.data import cli as data_cli
+  assert data_cli.main(["import", "--data-dir", data, "--name", "mine", "--jsonl", str(tmp_path / "mine.jsonl"),
+                        "--images", str(tmp_path / "images"), "--retrain-tokenizer"]) == 0
+  assert builders.tokenizer_path(data) != os.path.join(data, "tokenizer.model")
+  # Evaluation and resuming read the work directory's own copy: nothing is moved, no error.
+  config, _, step, _ = evaluate.load(wd)
+  assert step == 2
+  capsys.readouterr()
+  assert cli.train_main(_train_args(data, wd, "--config.train.num_steps=4")) == 0
+  out = capsys.readouterr().out
+  assert "started at 2" in out and "done at step 4" in out
+  assert not os.path.exists(os.path.join(wd, "checkpoints_corrupt"))
+  assert set(checkpoints) <= set(os.listdir(os.path.join(wd, "checkpoints"))) | {"2"}
+  # Training into a new work directory takes the new tokenizer.
+  assert cli.train_main(_train_args(data, str(tmp_path / "new"))) == 0
+  with open(os.path.join(tmp_path, "new", "tokenizer.model"), "rb") as a, open(builders.tokenizer_path(data), "rb") as b:
+    assert a.read() == b.read()
