@@ -13,20 +13,58 @@ Use from a test module:
 
 or through the fixtures `open_flamingo` (the same namespace), `torch_seed` (seeds torch with 0
 and returns the seed) and `to_np` (the `to_numpy` function).
+
+Without the parity extra (the Python 3.12 leg: torch for cp312 is only the large CUDA build) the
+test modules here are reported as skipped, naming what is missing, instead of failing to import
+torch at collection. `make test` installs the extra and sets MMJAX_REQUIRE_PARITY=1: there a
+missing package is a collection error, so the parity tests cannot silently stop running.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
-# The parity extra is installed by `make test`: a missing torch is an error, not a skip.
-import torch
+if TYPE_CHECKING:
+  import torch
+
+# What the parity tests import beyond mmjax's own dependencies: the `parity` extra's packages
+# (as module names), and open-flamingo, installed apart with --no-deps.
+PARITY_MODULES = ("torch", "transformers", "einops", "einops_exts", "safetensors", "open_flamingo")
+PARITY_INSTALL = ("pip install -e '.[parity]' && pip install --no-deps open-flamingo==2.0.1"
+                  " (or `make install`, Python 3.11)")
+
+
+def missing_parity_modules() -> list[str]:
+  """The modules of PARITY_MODULES that cannot be found (without importing any of them)."""
+  return [name for name in PARITY_MODULES if importlib.util.find_spec(name) is None]
+
+
+class _SkippedParityModule(pytest.Module):
+  """A test module that is reported as skipped instead of being imported."""
+
+  skip_reason = ""
+
+  def collect(self):
+    pytest.skip(self.skip_reason)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+  """Skips every test module here, with the reason, when the parity packages are missing."""
+  missing = missing_parity_modules()
+  if not missing or os.environ.get("MMJAX_REQUIRE_PARITY") == "1":
+    return None  # pytest's own collection: imports the module (and fails loudly if required)
+  module = _SkippedParityModule.from_parent(parent, path=module_path)
+  module.skip_reason = (f"{module_path.name} needs {', '.join(missing)}, not installed: "
+                        f"install the parity extra: {PARITY_INSTALL}")
+  return module
 
 
 def install_open_clip_stub() -> None:
@@ -57,12 +95,16 @@ def import_open_flamingo() -> types.SimpleNamespace:
 
 def seed_torch(seed: int = 0) -> int:
   """Seeds torch's global generator (reference models draw random weights from it)."""
+  import torch
+
   torch.manual_seed(seed)
   return seed
 
 
 def to_numpy(x: Any) -> Any:
   """torch tensors (also nested in dicts/lists/tuples) -> float32/int numpy arrays, detached."""
+  import torch
+
   if isinstance(x, torch.Tensor):
     x = x.detach().cpu()
     if x.dtype in (torch.bfloat16, torch.float16):
