@@ -3,8 +3,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= work/flamingo-tiny
+# The newest tested set (jax 0.12 needs Python >= 3.12) goes into its own virtualenv.
+VENV312 ?= .venv312
+BIN312 := $(VENV312)/bin
+# An interpreter for it: PYTHON312 if given, else the first of these that is really 3.12
+# (pyenv's shim `python3.12` is on PATH even where it only prints "command not found").
+PYTHON312_CANDIDATES = $(PYTHON312) "$$(pyenv prefix 3.12 2>/dev/null)/bin/python3.12" \
+  python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 \
+                        /root/.pyenv/versions/3.12*/bin/python3.12)
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow test-py312 install install-py312 clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +21,18 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(BIN)/.installed
+
+# No parity extra: torch for Python 3.12 is on the index only as the large CUDA build.
+$(BIN312)/.installed: pyproject.toml constraints-py312.txt
+	test -x $(BIN312)/python || for py in $(PYTHON312_CANDIDATES); do \
+	  if "$$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then \
+	    "$$py" -m venv $(VENV312) && break; fi; done; \
+	test -x $(BIN312)/python || { echo "no Python 3.12 found: set PYTHON312=/path/to/python3.12"; \
+	  exit 1; }
+	$(BIN312)/pip install -q -c constraints-py312.txt -e '.[tpu,test]'
+	touch $@
+
+install-py312: $(BIN312)/.installed
 
 # What the demo needs and no more (no torch, no libtpu): a fresh clone's first command
 # should spend its minutes training, not downloading.
@@ -26,13 +46,19 @@ $(BIN)/.installed-demo: pyproject.toml constraints.txt
 demo: $(BIN)/.installed-demo
 	$(BIN)/mmjax demo --workdir $(WORKDIR)
 
-# The default test tier (under 20 minutes on 2 CPU cores).
+# The default test tier (under 20 minutes on 2 CPU cores). The parity extra is installed
+# here, so a parity test that cannot import torch is an error, not a skip.
 test: install
-	$(BIN)/python -m pytest -q
+	MMJAX_REQUIRE_PARITY=1 $(BIN)/python -m pytest -q
+
+# The default tier on the newest tested set (Python 3.12, constraints-py312.txt); the parity
+# tests skip.
+test-py312: install-py312
+	$(BIN312)/python -m pytest -q
 
 # The slow tier: larger kernel grids, end-to-end runs.
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+	MMJAX_REQUIRE_PARITY=1 $(BIN)/python -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) work
+	rm -rf $(VENV) $(VENV312) work
