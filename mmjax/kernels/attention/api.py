@@ -11,10 +11,11 @@ semantics, which every backend reproduces exactly:
 
 With ``backend=None`` the platform picks (:func:`default_backend`) and calls whose
 dense logits would be small go to XLA (:data:`XLA_BELOW_LOGITS`). A Pallas kernel runs
-inside ``jax.shard_map`` whenever a mesh is in context (``jax.set_mesh`` /
-``jax.sharding.use_abstract_mesh``, or a legacy ``with mesh:``): batch split over the mesh's
-``dcn``/``data``/``fsdp`` axes, heads over ``tensor``. Mosaic kernels cannot be
-partitioned automatically, so this boundary is what lets sharded models use them.
+inside ``jax.shard_map`` whenever a mesh is given (``mesh=``) or in context (``jax.set_mesh``
+/ ``jax.sharding.use_abstract_mesh``; not the deprecated ``with mesh:``, which JAX gives no
+public way to read): batch split over the mesh's ``dcn``/``data``/``fsdp`` axes, heads over
+``tensor``. Mosaic kernels cannot be partitioned automatically, so this boundary is what
+lets sharded models use them.
 """
 
 from __future__ import annotations
@@ -126,18 +127,17 @@ def validate(
 
 
 def _context_mesh(mesh):
-  """The mesh to shard_map over: the given one, the one in context, or None."""
+  """The mesh to shard_map over: the given one, the one in context, or None.
+
+  ``jax.sharding.get_abstract_mesh()`` sees ``jax.set_mesh`` and ``use_abstract_mesh``, inside
+  and outside jit, in JAX 0.10 to 0.12. The deprecated ``with mesh:`` sets only JAX-internal
+  state: read through JAX's private modules it would quietly become "no mesh" the day JAX
+  drops them, so it is not read at all; pass ``mesh=`` or use ``jax.set_mesh``.
+  """
   if mesh is not None:
     return mesh
   abstract = jax.sharding.get_abstract_mesh()
-  if not abstract.empty:
-    return abstract
-  try:  # A legacy `with mesh:` context; no public accessor in JAX 0.10.
-    from jax._src import mesh as mesh_lib
-    physical = mesh_lib.thread_resources.env.physical_mesh
-  except (ImportError, AttributeError):
-    return None
-  return None if physical.empty else physical
+  return None if abstract.empty else abstract
 
 
 def _mesh_axes(mesh, batch: int, heads: int, kv_heads: int):
