@@ -19,6 +19,9 @@
 cluster), `run` (a workload running `mmjax train` in `--docker-image` on every host of
 every slice), `delete` (the workload), `delete-cluster`.
 
+Commands are local argument lists (never run through a local shell). What a remote shell
+reads (an ssh `--command`, the remote side of an scp) is built with shlex.quote/shlex.join.
+
 Every action takes `--dry-run`, which prints the exact commands (one per line, shell
 quoted) and runs nothing; tests check those lines.
 """
@@ -114,8 +117,9 @@ def worker_config(train_args: tuple[str, ...]) -> tuple[str | None, tuple[str, .
   The workers pip-install mmjax; they do not have this machine's files. A `--config` file
   identical to a config mmjax ships becomes its name (`flamingo/tiny`), which every install
   resolves; any other local file (your experiment, an edited copy) is copied to
-  `~/mmjax-configs/` on every worker and the argument points there. A copied config must
-  not read files next to it (import mmjax, or a shipped config as `mmjax.configs...`).
+  `~/mmjax-configs/` on every worker (named by `worker_config_path`) and the argument
+  points there. A copied config must not read files next to it (import mmjax, or a shipped
+  config as `mmjax.configs...`).
   Values that are not local files are passed unchanged (a name, or a path on the workers).
   """
   from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -132,8 +136,20 @@ def worker_config(train_args: tuple[str, ...]) -> tuple[str | None, tuple[str, .
     with open(config_lib.resolve_config_path(name), "rb") as f:
       if f.read() == mine:
         return None, (*train_args[:i], f"--config={name}{sep}{arg}", *train_args[i + 1:])
-  remote = f"{WORKER_CONFIG_DIR}/{os.path.basename(path)}"
+  remote = worker_config_path(path)
   return path, (*train_args[:i], f"--config={remote}{sep}{arg}", *train_args[i + 1:])
+
+
+def worker_config_path(local: str) -> str:
+  """Where a local config file is copied on each worker: `mmjax-configs/<its base name>`,
+  with every character but letters, digits, '.', '_' and '-' made '_'.
+
+  Legacy scp hands the destination to the worker's shell, so `my$(touch x);y.py` would run
+  a command there; scp over SFTP (OpenSSH >= 9.0's default) does not unquote it, so a
+  quoted name would arrive with its quotes. A name that needs no quoting is the same file
+  under both; it is shell-quoted all the same where it is used.
+  """
+  return f"{WORKER_CONFIG_DIR}/{re.sub(r'[^A-Za-z0-9._-]', '_', os.path.basename(local))}"
 
 
 def create_commands(job: TpuJob) -> list[list[str]]:
@@ -164,11 +180,11 @@ def install_commands(job: TpuJob) -> list[list[str]]:
   pip = f"python3 -m pip install --upgrade pip && python3 -m pip install {shlex.quote(job.package)}"
   local, _ = worker_config(job.train_args)
   if local is not None:
-    pip += f" && mkdir -p {WORKER_CONFIG_DIR}"
+    pip += " && " + shlex.join(["mkdir", "-p", WORKER_CONFIG_DIR])
   out = [_ssh(job, node, pip) for node in job.nodes]
   if local is not None:
     out += [["gcloud", "compute", "tpus", "tpu-vm", "scp", local,
-             f"{node}:{WORKER_CONFIG_DIR}/{os.path.basename(local)}", *job.where, "--worker=all"]
+             f"{node}:{shlex.quote(worker_config_path(local))}", *job.where, "--worker=all"]
             for node in job.nodes]
   return out
 
@@ -177,7 +193,8 @@ def train_command_line(job: TpuJob) -> str:
   """What runs on each worker."""
   _, args = worker_config(job.train_args)
   train = shlex.join(["python3", "-m", "mmjax.cli", "train", *args])
-  return f"export MMJAX_DISTRIBUTED=auto TPU_STDERR_LOG_LEVEL=0; {train} 2>&1 | tee ~/{LOG}"
+  return (f"export MMJAX_DISTRIBUTED=auto TPU_STDERR_LOG_LEVEL=0; {train} 2>&1"
+          f" | tee ~/{shlex.quote(LOG)}")
 
 
 def train_commands(job: TpuJob) -> list[list[str]]:
@@ -189,7 +206,7 @@ def logs_commands(job: TpuJob) -> list[list[str]]:
   out = [["mkdir", "-p", job.log_dir]]
   for node in job.nodes:
     for w in range(job.accelerator.hosts):
-      out.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", f"{node}:{LOG}",
+      out.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", f"{node}:{shlex.quote(LOG)}",
                   f"{job.log_dir}/{node}-w{w}.log", *job.where, f"--worker={w}"])
   return out
 

@@ -1,5 +1,6 @@
 """The Cloud TPU / xpk launchers print complete, correct commands in --dry-run."""
 
+import os
 import shlex
 
 import pytest
@@ -115,3 +116,51 @@ def test_a_config_mmjax_does_not_ship_is_copied_to_every_worker_and_used_there(c
   assert len(lines) == 2 and "mkdir" not in lines[0][-1]
   lines = _dry(capsys, "tpu", "train", *common, "--config=/opt/exp.py")
   assert "train --config=/opt/exp.py 2>&1" in lines[0][-1]
+
+
+# Config file names that a remote shell would misread: a command substitution and a command
+# separator, a space, a quote, backticks, a newline.
+HOSTILE_NAMES = ["my$(touch x);y.py", "my exp.py", "it's.py", "my`touch x`.py", "my\nexp.py"]
+
+
+def _shell_words(remote: str) -> list[str]:
+  """The words a POSIX shell makes of `remote`, which must hold nothing it would expand.
+
+  shlex.split alone reads `$(...)` and backticks as plain characters where a shell runs
+  them, so the string must also be exactly the shell quoting of the words it splits into.
+  """
+  words = shlex.split(remote)
+  assert shlex.join(words) == remote, f"{remote!r} is not read literally by a shell"
+  return words
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a_config_file_with_a_hostile_name_reaches_every_worker_as_one_literal_path(name, tmp_path):
+  mine = tmp_path / name
+  mine.write_text("# an experiment mmjax does not ship\n")
+  workdir = "--workdir=gs://b/$(touch x) `y`"
+  job = cloud.TpuJob(name="ms", accelerator=cloud.parse_accelerator("v5litepod-16"), zone="z",
+                     project="p", slices=2, train_args=("--config", str(mine), workdir))
+  install = cloud.install_commands(job)
+  ssh_lines = [cmd[-1].removeprefix("--command=") for cmd in install if cmd[4] == "ssh"]
+  scps = [cmd for cmd in install if cmd[4] == "scp"]
+  train_lines = [cmd[-1].removeprefix("--command=") for cmd in cloud.train_commands(job)]
+  assert len(ssh_lines) == len(scps) == len(train_lines) == 2
+  for node, ssh_line, scp, train_line in zip(job.nodes, ssh_lines, scps, train_lines):
+    assert scp[5] == str(mine)  # a local argv entry: the file exactly as it is named here
+    host, _, remote = scp[6].partition(":")
+    assert host == node
+    # Legacy scp hands the destination to the worker's shell: it must see one literal path.
+    [remote_path] = _shell_words(remote)
+    # ... which needs no quoting at all, so that scp over SFTP (OpenSSH >= 9.0 by default,
+    # where nothing unquotes it) writes the very same file.
+    assert shlex.quote(remote_path) == remote_path and remote_path.endswith(".py")
+    assert os.path.dirname(remote_path) == cloud.WORKER_CONFIG_DIR
+    assert shlex.join(["mkdir", "-p", cloud.WORKER_CONFIG_DIR]) in ssh_line
+    # The worker's shell runs train with exactly these arguments: the copied file, and the
+    # other arguments verbatim.
+    assert shlex.join(["python3", "-m", "mmjax.cli", "train", f"--config={remote_path}",
+                       workdir]) in train_line
+    assert f"--config={remote_path}" in shlex.split(train_line)
+  logs = [cmd for cmd in cloud.logs_commands(job) if cmd[4:5] == ["scp"]]
+  assert [_shell_words(cmd[5].partition(":")[2]) for cmd in logs] == [[cloud.LOG]] * len(logs)
