@@ -194,14 +194,18 @@ def test_sigterm_while_the_data_loader_hangs_saves_the_last_step_and_exits_in_se
   proc = subprocess.Popen(_cmd(wd, "--config.train.num_steps=1000", "--config.checkpoint.every_steps=1000",
                                "--stall-data-at=7"),
                           env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  _wait_for_step(proc, wd, 5)  # step 5's metrics are written once step 6 is dispatched
-  time.sleep(2.0)  # the loop is now inside next() of a source that never returns
-  proc.send_signal(signal.SIGTERM)
   try:
-    out, _ = proc.communicate(timeout=60)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    raise AssertionError("SIGTERM did not end a run blocked in its data loader within 60 s") from None
+    _wait_for_step(proc, wd, 5)  # step 5's metrics are written once step 6 is dispatched
+    time.sleep(2.0)  # the loop is now inside next() of a source that never returns
+    proc.send_signal(signal.SIGTERM)
+    try:
+      out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+      raise AssertionError("SIGTERM did not end a run blocked in its data loader within 60 s") from None
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
   assert proc.returncode == 0, out
   assert out.split("SUMMARY")[1].split()[1:3] == ["7", "True"]
   assert _steps(wd) == [7]  # steps 0..6 done: the state after them, with the data position after batch 6
