@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The `mmjax compile` runs behind the README's fit table and FSDP-scaling figures.
+# The `mmjax compile` runs behind the fit table and FSDP-scaling figures of docs/tpu.md.
 # Each line compiles the full train step of a zoo preset for a TPU topology on this CPU
 # host (libtpu) and appends a JSON line to $OUT. Flamingo recipe: ViT and LM frozen
 # (no optimizer state), resampler + gated cross-attention trained with AdamW; bf16
@@ -7,7 +7,7 @@
 # example, 2 examples per chip; decoder layers under nn.scan (--scan-layers: one block body
 # compiled instead of one per layer, which is what lets Flamingo-80B compile at all; the
 # unscanned OpenFlamingo-3B row took 1832 s, see launch/fit_results.jsonl).
-# SCAN= (empty) compiles the unrolled decoder instead (the 9b-v5e and 9b-v6e README rows).
+# SCAN= (empty) compiles the unrolled decoder instead (the 9b-v5e and 9b-v6e rows of docs/tpu.md).
 #   launch/fit_table.sh [ROW ...]     rows: scale-tiny scale-3b 3b-v5e 3b-v5p 3b-v6e 9b-v5e 9b-v5p 9b-v6e 80b-v5e 80b-v5p 80b-v6e
 #     and the next smaller slices: 80b-v5e-small 80b-v5p-small 80b-v6e-small; 80b-v5p-16 80b-v5e-small-tp 80b-v5e-4x8
 set -uo pipefail

@@ -109,7 +109,7 @@ _PRESETS: dict[str, FlamingoConfig] = {
     ),
 }
 
-# Published totals, for the README table.
+# Published totals, for the presets table in docs/models.md.
 PUBLISHED_PARAMETERS = {
     "flamingo-tiny": None,
     "openflamingo-3b": "3B (open_flamingo README)",

@@ -41,7 +41,7 @@ def get_config(arg=None):
   # Three strided 3x3 convolutions instead of the 8x8 patchify (mmjax.layers.embed.ConvStem),
   # for 15% more time per step: a tower probe supervised with each column's shape learns
   # it to 99.9% instead of 42%; here QA 56.5% instead of 46.5-48.5% (one seed, lr 1e-3 vs
-  # 3e-3/1.5e-3, the mixture below before its change; README, "What `make demo` shows").
+  # 3e-3/1.5e-3, the mixture below before its change; docs/history.md).
   c.model["vision"]["stem"] = "conv"
 
   # Initial value of every tanh gate (attn_gate, ff_gate). Flamingo uses 0 so that the

@@ -48,7 +48,7 @@ def sweep_candidates(chips_per_slice: int) -> list[tuple[dict, str, str | None]]
 
 
 def report(path: str) -> str:
-  """A markdown table of the JSON lines `--json` wrote (for the README's fit table)."""
+  """A markdown table of the JSON lines `--json` wrote (for the fit table in docs/tpu.md)."""
   from mmjax.scale.aot import human as _human
   human = lambda b: _human(b) if b >= 0 else "-"
   rows = ["| model | topology | chips | mesh (dcn,data,fsdp,tensor) | batch x length | params/chip | opt/chip "
