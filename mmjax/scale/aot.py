@@ -2,7 +2,7 @@
 
 `compile_step(config, topology=..., mesh=..., rules=...)` builds the model from
 `config.model`, the trainer's optimizer (frozen components carry no state) and
-`make_train_step`, shards it with `mmjax.scale.step.shard_train_step` over a mesh of the
+`make_train_step`, shards it with `mmjax.train.sharded_step.shard_train_step` over a mesh of the
 topology's devices (libtpu, `jax.experimental.topologies`), lowers and compiles it for
 real TPU, and returns a `Fit`: per-chip bytes of parameters, optimizer state and
 temporaries against the chip's HBM, and the step's FLOPs. Nothing is allocated: every
@@ -142,7 +142,7 @@ def build_step(config: ml_collections.ConfigDict, mesh, rules: sh.Rules, *, trai
       apply_fn=model.apply, tx=tx, mask=mask, schedule=optimizer.make_schedule(config),
       grad_accum_steps=int(config.optimizer.get("grad_accum_steps", 1)),
       remat=str(config.train.remat) if str(config.train.remat) in step_lib.REMAT_POLICIES else "none")
-  from mmjax.scale.step import shard_train_step
+  from mmjax.train.sharded_step import shard_train_step
   step = shard_train_step(train_step, abstract_state, absb, boxed, mesh, rules, trainable=mask,
                           frozen_rules=frozen_rules)
   with_sharding = lambda tree, shardings: jax.tree.map(

@@ -9,7 +9,7 @@ step are fetched after the next one is queued, so the host never waits on the de
 except at checkpoints and evaluations.
 
 Every run is a sharded run: the step is jitted over the config's device mesh
-(`config.mesh`, `config.sharding`; `mmjax.scale.step`), with the state created, restored
+(`config.mesh`, `config.sharding`; `mmjax.train.sharded_step`), with the state created, restored
 and stored with the shardings its rules give, and each batch assembled from the rows of
 every JAX process. One CPU is a 1-device mesh; several processes (`mmjax launch local`,
 a TPU pod) run the same code, each feeding its own rows.
@@ -36,7 +36,7 @@ import numpy as np
 
 from mmjax import sharding as sh
 from mmjax.errors import MmjaxError
-from mmjax.scale import step as scale_step
+from mmjax.train import sharded_step
 from mmjax.train import checkpoint as checkpoint_lib
 from mmjax.train import config as config_lib
 from mmjax.train import flops as flops_lib
@@ -382,7 +382,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
 
   def state_shardings(i):
     if i not in shardings:
-      shardings[i] = scale_step.state_shardings(abstract_state(i), lambda s: s.params, boxed, mesh, rules,
+      shardings[i] = sharded_step.state_shardings(abstract_state(i), lambda s: s.params, boxed, mesh, rules,
                                                 trainable=masks[i], frozen_rules=frozen_rules)
     return shardings[i]
 
@@ -392,7 +392,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
                                   remat=str(config.train.remat))
     # Donation saves a copy of the state on accelerators; on CPU it buys nothing and
     # would race with an asynchronous checkpoint reading the previous state.
-    return scale_step.shard_train_step(fn, abstract_state(i), abstract_batch, boxed, mesh, rules,
+    return sharded_step.shard_train_step(fn, abstract_state(i), abstract_batch, boxed, mesh, rules,
                                        trainable=masks[i], frozen_rules=frozen_rules, donate=not on_cpu)
 
   def template(step):

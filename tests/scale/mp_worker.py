@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 from mmjax import sharding as sh  # noqa: E402
-from mmjax.scale.step import shard_train_step  # noqa: E402
+from mmjax.train.sharded_step import shard_train_step  # noqa: E402
 from tests.scale import standin  # noqa: E402
 
 GLOBAL_BATCH = 8

@@ -14,7 +14,7 @@ import pytest
 
 from mmjax import sharding as sh
 from mmjax.models.flamingo import param_label
-from mmjax.scale.step import shard_train_step
+from mmjax.train.sharded_step import shard_train_step
 from tests.scale import small_flamingo
 
 STEPS = 3

@@ -1,0 +1,89 @@
+"""The packages of mmjax import downwards only (docs/architecture.md): every import, at module
+top or inside a function, goes from a package to one on a lower layer, so there is no
+import cycle between packages and nothing low (kernels, sharding, layers, data) depends on
+the trainer or the launchers above it."""
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mmjax")
+
+# Lowest first; the packages of one layer do not import each other. docs/architecture.md
+# says what each layer is for; change both together.
+LAYERS = (
+    ("errors",),
+    ("kernels",),
+    ("sharding",),
+    ("layers",),
+    ("models",),
+    ("data",),
+    ("convert", "infer", "zoo"),
+    ("train",),
+    ("scale",),
+    ("bench", "configs"),
+    ("cli", "__init__"),
+    ("__main__",),
+)
+LAYER = {pkg: i for i, pkgs in enumerate(LAYERS) for pkg in pkgs}
+
+
+def _package(path: str) -> str:
+  rel = os.path.relpath(path, ROOT).split(os.sep)
+  return rel[0][:-3] if rel[0].endswith(".py") else rel[0]
+
+
+def _imported_packages(path: str):
+  """(line, mmjax package) of every import of mmjax in the file at `path`."""
+  tree = ast.parse(open(path).read(), path)
+  for node in ast.walk(tree):
+    names = []
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      names = [node.module] if node.module != "mmjax" else [f"mmjax.{a.name}" for a in node.names]
+    for name in names:
+      parts = name.split(".")
+      if parts[0] == "mmjax" and len(parts) > 1:
+        yield node.lineno, parts[1]
+
+
+def _imports():
+  for dirpath, _, files in os.walk(ROOT):
+    for f in files:
+      if f.endswith(".py"):
+        path = os.path.join(dirpath, f)
+        for line, target in _imported_packages(path):
+          yield path, line, _package(path), target
+
+
+def layering_violations(imports) -> list[str]:
+  out = []
+  for path, line, source, target in imports:
+    if source == target:
+      continue
+    if source not in LAYER or target not in LAYER:
+      out.append(f"{os.path.relpath(path, ROOT)}:{line}: {source} or {target} has no layer in LAYERS")
+    elif LAYER[target] >= LAYER[source]:
+      out.append(f"{os.path.relpath(path, ROOT)}:{line}: {source} (layer {LAYER[source]}) imports {target} "
+                 f"(layer {LAYER[target]})")
+  return out
+
+
+def test_every_package_of_mmjax_has_a_layer():
+  packages = {_package(os.path.join(ROOT, n)) for n in os.listdir(ROOT)
+              if n.endswith(".py") or os.path.isdir(os.path.join(ROOT, n, ""))}
+  packages.discard("__pycache__")
+  assert packages <= set(LAYER), sorted(packages - set(LAYER))
+
+
+def test_mmjax_imports_only_downwards():
+  assert layering_violations(list(_imports())) == []
+
+
+@pytest.mark.parametrize("source,target", [("train", "scale"), ("layers", "models"), ("kernels", "sharding"),
+                                           ("data", "train"), ("infer", "zoo")])
+def test_an_upward_or_sideways_import_is_reported(source, target):
+  path = os.path.join(ROOT, source, "x.py")
+  assert len(layering_violations([(path, 1, source, target)])) == 1
