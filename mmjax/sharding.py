@@ -291,7 +291,7 @@ def _is_spec(x) -> bool:
   return isinstance(x, PartitionSpec)
 
 
-def _key_names(path) -> tuple[str, ...]:
+def key_names(path) -> tuple[str, ...]:
   """The dict keys / attribute names of a pytree path (indices dropped)."""
   out = []
   for key in path:
@@ -342,7 +342,7 @@ def param_shardings(
   def one(path, x):
     names = x.names if isinstance(x, nn.Partitioned) else (None,) * len(x.shape)
     value = x.value if isinstance(x, nn.Partitioned) else x
-    use = frozen_rules if frozen is not None and frozen(_key_names(path)) else rules
+    use = frozen_rules if frozen is not None and frozen(key_names(path)) else rules
     spec = logical_to_mesh_spec(names, use, value.shape, mesh)
     return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(
@@ -373,12 +373,12 @@ def like_params(abstract_tree: Any, params: Any, shardings: Any, mesh: Mesh) -> 
   if len(flat_p) != len(flat_s):
     raise ValueError(f"params have {len(flat_p)} leaves but shardings {len(flat_s)}")
   for (path, leaf), sharding in zip(flat_p, flat_s):
-    table[_key_names(path)] = (tuple(leaf.shape), sharding)
+    table[key_names(path)] = (tuple(leaf.shape), sharding)
   longest = max((len(k) for k in table), default=0)
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def one(path, leaf):
-    keys = _key_names(path)
+    keys = key_names(path)
     shape = tuple(getattr(leaf, "shape", ()))
     for start in range(max(0, len(keys) - longest), len(keys)):
       hit = table.get(keys[start:])

@@ -35,16 +35,3 @@ def sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10000.0
   y = y.reshape(-1)[:, None] * omega[None, :]
   x = x.reshape(-1)[:, None] * omega[None, :]
   return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
-
-
-def resize_grid_posemb(posemb: jax.Array, new_grid: tuple[int, int]) -> jax.Array:
-  """Bicubically resizes learned embeddings [h * w, D] of a square grid to new_grid."""
-  n, d = posemb.shape
-  side = int(round(n**0.5))
-  if side * side != n:
-    raise ValueError(f"posemb has {n} positions, not a square grid")
-  if (side, side) == tuple(new_grid):
-    return posemb
-  grid = posemb.reshape(side, side, d).astype(jnp.float32)
-  resized = jax.image.resize(grid, (*new_grid, d), method="bicubic")
-  return resized.reshape(new_grid[0] * new_grid[1], d).astype(posemb.dtype)

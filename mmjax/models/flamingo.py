@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import sharding as sh
 from mmjax.models.decoder import Decoder, DecoderConfig
 from mmjax.models.perceiver import PerceiverConfig
 from mmjax.models.vit import ViTConfig
@@ -194,16 +195,6 @@ class Flamingo(nn.Module):
     return logits
 
 
-def _path_keys(path) -> list[str]:
-  keys = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      keys.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      keys.append(k.name)
-  return keys
-
-
 def param_label(keys: list[str] | tuple[str, ...]) -> str:
   """'vision' | 'resampler' | 'xattn' | 'lm' for one parameter's key path."""
   keys = [k for k in keys if k != "params"]
@@ -221,5 +212,5 @@ def param_labels(params: Any) -> Any:
   leaves are 'vision', 'resampler', 'xattn' or 'lm' — for ``optax.multi_transform``
   or freezing masks."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: param_label(_path_keys(path)), params,
+      lambda path, _: param_label(sh.key_names(path)), params,
       is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -567,7 +567,3 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, task: Task):
   if restored is None:
     raise ValueError(f"{workdir!r} holds no complete checkpoint; run `mmjax train --workdir {workdir}` first")
   return restored[0], restored[1].params
-
-
-def loss_is_finite(x: float) -> bool:
-  return math.isfinite(x)

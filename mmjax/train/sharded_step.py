@@ -70,7 +70,7 @@ def state_shardings(abstract_state, params_of: Callable[[Any], Any], boxed_param
   frozen = None
   if trainable is not None and frozen_rules is not None:
     flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
-    frozen_paths = {sh._key_names(path) for path, t in flat if not t}
+    frozen_paths = {sh.key_names(path) for path, t in flat if not t}
     frozen = lambda keys: keys in frozen_paths
   pshard = sh.param_shardings(boxed_params, mesh, rules, frozen=frozen, frozen_rules=frozen_rules)
   params = params_of(abstract_state)
@@ -94,17 +94,3 @@ def shard_train_step(train_step: Callable, abstract_state, abstract_batch, boxed
                    donate_argnums=(0,) if donate else ())
   return ShardedStep(mesh=mesh, rules=rules, jitted=jitted, state_shardings=sshard,
                      batch_shardings=bshard, param_shardings=pshard)
-
-
-def shard_for_config(config, train_step: Callable, abstract_state, abstract_batch, boxed_params, *,
-                     trainable=None, devices=None, donate: bool = True) -> ShardedStep:
-  """``shard_train_step`` with the mesh and rule sets of ``config`` (``sharding.from_config``).
-
-  The trainer's hook: ``step = shard_for_config(config, train_step, jax.eval_shape(lambda: state),
-  jax.eval_shape(lambda: batch), boxed, trainable=mask)``, then ``state = step.put_state(state)``
-  and per step ``state, metrics = step(state, step.put_batch(local_batch))``, where ``boxed``
-  is ``jax.eval_shape(module.init, ...)['params']`` (the ``nn.Partitioned`` names).
-  """
-  mesh, rules, frozen_rules = sh.from_config(config, devices)
-  return shard_train_step(train_step, abstract_state, abstract_batch, boxed_params, mesh, rules,
-                          trainable=trainable, frozen_rules=frozen_rules, donate=donate)
