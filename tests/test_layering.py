@@ -13,7 +13,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Lowest first; the packages of one layer do not import each other. docs/architecture.md
 # says what each layer is for; change both together.
 LAYERS = (
-    ("errors",),
+    ("errors", "filelock"),
     ("kernels",),
     ("sharding",),
     ("layers",),

@@ -20,6 +20,7 @@ tokenizer, so that the pipeline opens datasets by name.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -35,12 +36,14 @@ from collections.abc import Callable, Iterator, Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax import filelock
 from mmjax.data import scenes as scenes_lib
 from mmjax.data.preprocess import BAD_DATA_POLICIES
 from mmjax.data.scenes import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 from mmjax.data.tokenizer import Tokenizer
 
 MANIFEST = "mmjax_data.json"
+DATA_LOCK = ".mmjax_data.lock"  # held by the process writing the data directory (`writing`)
 TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "validation", "test")
 KINDS = ("captions", "interleaved", "qa")
@@ -385,22 +388,49 @@ def read_manifest(data_dir: str | None = None) -> dict:
   if not os.path.exists(path):
     raise ValueError(f"no dataset in {data_dir!r} ({MANIFEST} missing); run "
                      f"`mmjax data build --data-dir {data_dir}` first")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, "rb") as f:
+      manifest = json.loads(f.read().decode("utf-8"))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("datasets"), dict):
+      raise ValueError("expected an object with a 'datasets' object")
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    raise ValueError(f"the data directory's manifest {path} is unreadable ({e}); it lists the datasets and "
+                     "tokenizer of the directory, so it was left as it is: restore it (each dataset is a folder "
+                     "under the directory) or move it away to start the directory afresh") from None
+  return manifest
 
 
 def _write_manifest(data_dir: str, manifest: dict) -> None:
-  tmp = os.path.join(data_dir, MANIFEST + ".tmp")
+  """Replaces the manifest whole (a temporary file of this process, synced, then renamed)."""
+  path = os.path.join(data_dir, MANIFEST)
+  tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(manifest, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(data_dir, MANIFEST))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def _manifest_or_empty(data_dir: str) -> dict:
-  try:
-    return read_manifest(data_dir)
-  except ValueError:
+  """The manifest, or an empty one where there is none yet (an unreadable one raises)."""
+  if not os.path.exists(os.path.join(data_dir, MANIFEST)):
     return {"datasets": {}}
+  return read_manifest(data_dir)
+
+
+@contextlib.contextmanager
+def writing(data_dir: str, log: Callable[[str], None] = _log.warning):
+  """Holds the data directory for a writer (`build_embedded`, `import_jsonl`): a second
+  writer waits (saying for whom) rather than racing it for the manifest."""
+  os.makedirs(data_dir, exist_ok=True)
+  lock = filelock.HolderLock(os.path.join(data_dir, DATA_LOCK))
+  if not lock.acquire(blocking=False):
+    log(f"waiting for {lock.holder()} to finish writing {data_dir}")
+    lock.acquire(blocking=True)
+  try:
+    yield
+  finally:
+    lock.release()
 
 
 def tokenizer_path(data_dir: str | None = None) -> str:
@@ -456,7 +486,12 @@ def build_embedded(data_dir: str | None = None, size: int = DEFAULT_SIZE,
   if size < 1 or image_size < 8:
     raise ValueError(f"size={size}, image_size={image_size}; expected size >= 1, image_size >= 8")
   data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
-  os.makedirs(data_dir, exist_ok=True)
+  with writing(data_dir, log):
+    return _build_embedded(data_dir, size, image_size, seed, vocab_size, log)
+
+
+def _build_embedded(data_dir: str, size: int, image_size: int, seed: int, vocab_size: int,
+                    log: Callable[[str], None]) -> BuildResult:
   start = time.time()
   params = {"size": size, "image_size": image_size, "seed": seed, "vocab_size": vocab_size,
             "format": _BUILD_FORMAT}
@@ -621,6 +656,13 @@ def import_jsonl(data_dir: str | None, name: str, jsonl: Mapping[str, str], imag
     raise ValueError(f"JSONL files {missing} do not exist (or are not files)")
   if not os.path.isdir(image_dir):
     raise ValueError(f"image folder {image_dir} is not a directory")
+  with writing(data_dir):
+    return _import_locked(data_dir, name, jsonl, image_dir, retrain_tokenizer=retrain_tokenizer,
+                          vocab_size=vocab_size, bad_data=bad_data, overwrite=overwrite)
+
+
+def _import_locked(data_dir: str, name: str, jsonl: Mapping[str, str], image_dir: str, *, retrain_tokenizer: bool,
+                   vocab_size: int, bad_data: str, overwrite: bool) -> ImportResult:
   manifest = _manifest_or_empty(data_dir)
   old_folder = manifest["datasets"].get(name)
   old_folder = os.path.join(data_dir, old_folder) if old_folder else None
@@ -646,7 +688,7 @@ def import_jsonl(data_dir: str | None, name: str, jsonl: Mapping[str, str], imag
                for record in read_jsonl(jsonl[split], name, split, image_dir)
                if isinstance(record, JsonlRecord)]
       tokenizer_file = _train_tokenizer(data_dir, name, texts, vocab_size)
-    # Read again: another import may have added a dataset while this one was built.
+    # Read again (cheap): the manifest is only ever rewritten under `writing`.
     manifest = _manifest_or_empty(data_dir)
     manifest["datasets"][name] = folder
     manifest["tokenizer"] = tokenizer_file

@@ -23,17 +23,14 @@ lock and write nothing here except their own result file.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import errno
-import fcntl
 import hashlib
-import json
 import os
 import socket
 import time
 from collections.abc import Mapping
 
+from mmjax import filelock
 from mmjax.errors import MmjaxError
 
 LOCK_FILE = "train.lock"
@@ -79,56 +76,29 @@ def ensure_writable(workdir: str) -> None:
                   ) from None
 
 
-def _holder_text(path: str) -> str:
-  try:
-    with open(path) as f:
-      h = json.load(f)
-    return f"pid {h['pid']} on host {h['host']} (started {h['started']}: {h.get('command', '?')})"
-  except (OSError, ValueError, KeyError, TypeError):
-    return "an unknown process"
-
-
 class TrainLock:
   """Holds `WORKDIR/train.lock` for a training run (a context manager).
 
   Raises `WorkdirLocked` naming the holder if another live process holds it. A lock file
   left by a dead process (`kill -9`, a crash, a lost machine's restart on the same host)
-  holds no `flock` and is taken over, with the old holder logged.
+  holds no `flock` and is taken over; `taken_over` then names the old holder.
   """
 
   def __init__(self, workdir: str, command: str = "mmjax train"):
-    self.path = os.path.join(workdir, LOCK_FILE)
-    self.command = command
-    self._fd = None
-    self.taken_over = None  # the previous holder's description, when the lock was stale
+    self._lock = filelock.HolderLock(os.path.join(workdir, LOCK_FILE), command)
+    self.path = self._lock.path
+    self.taken_over = None
 
   def __enter__(self) -> TrainLock:
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      os.close(fd)
+    if not self._lock.acquire(blocking=False):
       raise WorkdirLocked(
           f"work directory {os.path.dirname(self.path)!r} is in use by another training: "
-          f"{_holder_text(self.path)}. Wait for it to finish, stop it, or train into another --workdir") from None
-    if os.fstat(fd).st_size:
-      self.taken_over = _holder_text(self.path)
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
-              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
-    self._fd = fd
+          f"{self._lock.holder()}. Wait for it to finish, stop it, or train into another --workdir")
+    self.taken_over = self._lock.taken_over
     return self
 
   def __exit__(self, *exc):
-    if self._fd is not None:
-      # Empty the record before releasing: a lock file that still names a holder after a
-      # clean exit would read as a crash to the next run.
-      with contextlib.suppress(OSError):
-        os.ftruncate(self._fd, 0)
-      fcntl.flock(self._fd, fcntl.LOCK_UN)
-      os.close(self._fd)
-      self._fd = None
+    self._lock.release()
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
