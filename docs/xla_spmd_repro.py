@@ -6,7 +6,7 @@ The function is ``x + mean_S(media @ w)`` followed by a softmax cross-entropy th
 ``head`` matrix. Sharded over a data x fsdp x tensor = 2x2x2 mesh of CPU devices, with
 the batch split over ``(data, fsdp)``, ``w`` split on its output dimension over
 ``tensor`` and ``head`` over ``(fsdp, tensor)``, the gradients differ from the same
-function on one device by about 100% (jax/jaxlib 0.9.2 and 0.10.2, with Shardy and with
+function on one device by about 100% (jax/jaxlib 0.9.2, 0.10.2, 0.11.2 and 0.12.0.1, with Shardy and with
 GSPMD propagation; disabling any single HLO pass after partitioning does not remove it,
 so it is the partitioning). Any 2-axis mesh, a batch split over all three axes, ``w`` or
 ``head`` replicated, or ``head`` split on a batch axis that comes first in the batch's

@@ -36,7 +36,7 @@ def test_the_wheel_holds_the_configs_and_every_module(tmp_path):
   # Built from a copy (setuptools writes build/ into the source tree), without build
   # isolation: setuptools comes with the test extra, and nothing is downloaded.
   source = tmp_path / "source"
-  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "work", "build", "*.egg-info",
+  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", ".venv312", "work", "build", "*.egg-info",
                                                                "__pycache__"))
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                   str(tmp_path), str(source)], check=True, capture_output=True, timeout=300)

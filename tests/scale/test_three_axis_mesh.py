@@ -41,7 +41,7 @@ def test_flamingo_gradients_on_a_three_axis_mesh_equal_the_single_device_gradien
     with nn.logical_axis_rules(rules):
       return grad(params, b)
 
-  with mesh:
+  with jax.set_mesh(mesh):
     got = jax.device_get(jax.jit(sharded_grad, in_shardings=(pshard, bshard), out_shardings=pshard)(
         jax.device_put(state.params, pshard), jax.device_put(batch, bshard)))
 
