@@ -311,19 +311,17 @@ def _own_workdir(config, workdir: str, task: Task, *, allow_config_change: bool,
     yield
     return
   lock = workdir_lib.TrainLock(workdir, command=" ".join(sys.argv) or "mmjax train")
-  held = False
-  error = None
-  if first:
-    try:
-      workdir_lib.ensure_writable(workdir)
-      lock.__enter__()
-      held = True
-    except (OSError, workdir_lib.WorkdirLocked) as e:
-      error = e
-  if not _all_processes_agree(error is None):
-    raise error if error is not None else workdir_lib.WorkdirLocked(
-        f"process 0 of this job could not take work directory {workdir!r}; see its output")
-  try:
+  with contextlib.ExitStack() as held:
+    error = None
+    if first:
+      try:
+        workdir_lib.ensure_writable(workdir)
+        held.enter_context(lock)
+      except (OSError, workdir_lib.WorkdirLocked) as e:
+        error = e
+    if not _all_processes_agree(error is None):
+      raise error if error is not None else workdir_lib.WorkdirLocked(
+          f"process 0 of this job could not take work directory {workdir!r}; see its output")
     if lock.taken_over:
       _say(f"took over the lock of a training that is no longer running: {lock.taken_over}")
     if restart and first:
@@ -342,9 +340,6 @@ def _own_workdir(config, workdir: str, task: Task, *, allow_config_change: bool,
       workdir_lib.record_files(workdir, task.workdir_files(), write=first)
     config_lib.write_resolved(config, workdir)
     yield
-  finally:
-    if held:
-      lock.__exit__(None, None, None)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
