@@ -102,30 +102,22 @@ Rules = tuple[Rule, ...]
 # Every batch-parallel axis; the batch is split over all of them.
 _BATCH = ("dcn", "data", "fsdp")
 
-DATA_PARALLEL: Rules = (
+# The rule sets are composed from these pieces (first match wins, so order matters): a new
+# logical axis is added to the piece it belongs to, once.
+_EVERY_SET: Rules = (
     ("layers", None),  # scanned layers' stacked axis: never sharded
     ("batch", _BATCH),
 )
-
-FSDP: Rules = (
-    ("layers", None),  # scanned layers' stacked axis: never sharded
-    ("batch", _BATCH),
-    ("embed", "fsdp"),
-    # Fallbacks for weights with no (divisible) embed dimension.
-    ("mlp", "fsdp"),
-    ("heads", "fsdp"),
-    ("kv_heads", "fsdp"),
-    ("vocab", "fsdp"),
-    ("latents", "fsdp"),
-)
-
-FSDP_TENSOR: Rules = (
-    ("layers", None),  # scanned layers' stacked axis: never sharded
-    ("batch", _BATCH),
+# Megatron-style splits of the heads and hidden widths over `tensor`.
+_TENSOR: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
+)
+# Weights split over `fsdp`: the embed dimension, with fallbacks for weights that have no
+# (divisible) embed dimension.
+_FSDP_WEIGHTS: Rules = (
     ("embed", "fsdp"),
     ("mlp", "fsdp"),
     ("heads", "fsdp"),
@@ -133,17 +125,15 @@ FSDP_TENSOR: Rules = (
     ("vocab", "fsdp"),
     ("latents", "fsdp"),
 )
+
+DATA_PARALLEL: Rules = _EVERY_SET
+FSDP: Rules = _EVERY_SET + _FSDP_WEIGHTS
+FSDP_TENSOR: Rules = _EVERY_SET + _TENSOR + _FSDP_WEIGHTS
 
 # Frozen weights have no optimizer state and get no gradient reduce-scatter, so the
 # only cost of splitting them further is the all-gather where they are used: split
 # them over every in-slice axis (never over dcn, whose bandwidth is far lower).
-FROZEN_TOWERS: Rules = (
-    ("layers", None),  # scanned layers' stacked axis: never sharded
-    ("batch", _BATCH),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
+FROZEN_TOWERS: Rules = _EVERY_SET + _TENSOR + (
     ("embed", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("mlp", ("data", "fsdp")),
