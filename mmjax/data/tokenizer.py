@@ -59,8 +59,13 @@ class Tokenizer:
     if not proto:
       raise ValueError(f"sentencepiece produced an empty model from {len(texts)} texts")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
+    # Whole or not at all: a reader of the data directory never sees half a model.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
       f.write(proto)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
     return cls(proto)
 
   @property
