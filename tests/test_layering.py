@@ -20,6 +20,7 @@ LAYERS = (
     ("models",),
     ("data",),
     ("convert", "infer", "zoo"),
+    ("families",),
     ("train",),
     ("scale",),
     ("bench", "configs"),

@@ -35,6 +35,8 @@ def get_config(arg=None):
   # The model: every field of mmjax.models.flamingo.FlamingoConfig, from the zoo preset
   # (vocab_size, media_token_id and end_of_chunk_token_id come from the data's tokenizer).
   c.model = dataclasses.asdict(zoo.get("flamingo-tiny"))
+  # The model family (mmjax.families): what builds the model, its loss and its data.
+  c.model["family"] = "flamingo"
   # 64 px (the stored resolution) instead of the preset's 32: shapes of 8-12 px are
   # told apart much sooner, for 10% more compute per step.
   c.model["vision"]["image_size"] = 64

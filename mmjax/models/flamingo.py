@@ -195,6 +195,10 @@ class Flamingo(nn.Module):
     return logits
 
 
+# The labels `param_label` gives, in the order data flows.
+COMPONENTS = ("vision", "resampler", "xattn", "lm")
+
+
 def param_label(keys: list[str] | tuple[str, ...]) -> str:
   """'vision' | 'resampler' | 'xattn' | 'lm' for one parameter's key path."""
   keys = [k for k in keys if k != "params"]

@@ -1,7 +1,7 @@
-"""Compile the full Flamingo train step ahead of time for a TPU topology, on a CPU host.
+"""Compile the full train step ahead of time for a TPU topology, on a CPU host.
 
-`compile_step(config, topology=..., mesh=..., rules=...)` builds the model from
-`config.model`, the trainer's optimizer (frozen components carry no state) and
+`compile_step(config, topology=..., mesh=..., rules=...)` builds the model of the
+config's family (`config.model.family`, `Family.abstract`), the trainer's optimizer (frozen components carry no state) and
 `make_train_step`, shards it with `mmjax.train.sharded_step.shard_train_step` over a mesh of the
 topology's devices (libtpu, `jax.experimental.topologies`), lowers and compiles it for
 real TPU, and returns a `Fit`: per-chip bytes of parameters, optimizer state and
@@ -15,11 +15,9 @@ import dataclasses
 import math
 import os
 import time
-import types
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -47,9 +45,9 @@ class Fit:
   temp_bytes: int            # peak minus arguments: activations, gathered weights, gradients
   total_bytes: int           # XLA's peak: arguments + temporaries + non-aliased outputs
   hbm_bytes: int
-  flops_per_chip: float      # XLA's cost analysis of the per-chip program (see scan_flops_correction)
+  flops_per_chip: float      # XLA's cost analysis of the per-chip program (see uncounted_flops)
   compile_s: float
-  # What scan_flops_correction added to XLA's count (0 without scanned layers).
+  # What uncounted_flops added to XLA's count (0 without scanned layers).
   scan_flops_added: float = 0.0
 
   @property
@@ -106,43 +104,24 @@ def topology_devices(topology: str, slices: int = 1) -> list:
   return list(desc.devices)
 
 
-def model_config(config: ml_collections.ConfigDict):
-  """The FlamingoConfig of `config.model`, as the trainer builds it (no tokenizer needed)."""
-  from mmjax.train import task
-  m = config.model
-  vocab = types.SimpleNamespace(vocab_size=int(m.decoder.vocab_size), image_id=int(m.media_token_id),
-                                end_of_chunk_id=int(m.end_of_chunk_token_id))
-  return task.model_config(config, vocab)
-
-
-def abstract_batch(cfg, batch: int, length: int, num_images: int) -> dict:
-  s = cfg.vision.image_size
-  sds = jax.ShapeDtypeStruct
-  return {"images": sds((batch, num_images, s, s, 3), jnp.uint8), "image_mask": sds((batch, num_images), jnp.bool_),
-          "input_ids": sds((batch, length), jnp.int32), "image_index": sds((batch, length), jnp.int32),
-          "targets": sds((batch, length), jnp.int32), "loss_mask": sds((batch, length), jnp.float32)}
-
-
 def build_step(config: ml_collections.ConfigDict, mesh, rules: sh.Rules, *, trainable: frozenset[str],
                batch: int, length: int, num_images: int, frozen_rules: sh.Rules | None = None):
-  """(ShardedStep, abstract state with shardings, abstract batch with shardings)."""
-  from mmjax.models import flamingo
-  from mmjax.train import optimizer, state as state_lib, step as step_lib, task
-  cfg = model_config(config)
-  absb = abstract_batch(cfg, batch, length, num_images)
-  one = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in absb.items()}
-  model = task.Model(cfg, one)
-  boxed = jax.eval_shape(lambda k: flamingo.Flamingo(cfg).init(
-      k, one["images"], one["input_ids"], one["image_index"], one["image_mask"]), jax.random.key(0))["params"]
-  params = jax.eval_shape(model.init, jax.random.key(0))
-  mask = optimizer.trainable_mask(flamingo.param_labels(params), trainable)
+  """(ShardedStep, abstract state with shardings, abstract batch with shardings) of the
+  train step of `config`'s model family (`Family.abstract`: no data, no tokenizer)."""
+  from mmjax import families
+  from mmjax.train import optimizer, state as state_lib, step as step_lib
+  from mmjax.train.sharded_step import shard_train_step
+  model = families.of_config(config).abstract(config)
+  absb = model.abstract_batch(batch, length, num_images)
+  boxed = model.boxed_params(jax.random.key(0))
+  params = jax.eval_shape(model.init_params, jax.random.key(0))
+  mask = optimizer.trainable_mask(model.param_labels(params), trainable)
   tx = optimizer.make_transform(config, mask)
   abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, seed=0), params)
   train_step = step_lib.make_train_step(
-      apply_fn=model.apply, tx=tx, mask=mask, schedule=optimizer.make_schedule(config),
+      apply_fn=model.apply_fn, loss_fn=model.loss_fn, tx=tx, mask=mask, schedule=optimizer.make_schedule(config),
       grad_accum_steps=int(config.optimizer.get("grad_accum_steps", 1)),
       remat=str(config.train.remat) if str(config.train.remat) in step_lib.REMAT_POLICIES else "none")
-  from mmjax.train.sharded_step import shard_train_step
   step = shard_train_step(train_step, abstract_state, absb, boxed, mesh, rules, trainable=mask,
                           frozen_rules=frozen_rules)
   with_sharding = lambda tree, shardings: jax.tree.map(
@@ -150,35 +129,15 @@ def build_step(config: ml_collections.ConfigDict, mesh, rules: sh.Rules, *, trai
   return step, with_sharding(abstract_state, step.state_shardings), with_sharding(absb, step.batch_shardings)
 
 
-def scan_flops_correction(config: ml_collections.ConfigDict, *, trainable: frozenset[str], batch: int,
-                          length: int, num_images: int, chips: int) -> float:
-  """FLOPs per chip that XLA's cost analysis misses with ``scan_layers``.
-
-  XLA counts a while loop's body once, whatever its trip count, so a scanned decoder's
-  G blocks are counted as one. This returns (G - 1) x one block's train-step matmul
-  FLOPs (``mmjax.train.flops``: forward x1, input gradient x1, weight gradient x1 when
-  trainable, recomputation x1 for rematerialised LM layers; causal attention counted
-  half) / chips. Checked against an unscanned
-  compile: OpenFlamingo-3B on v5e:2x2, 13.71 (scanned + this) vs 13.48 TFLOP/chip.
-  """
-  from mmjax.models.decoder import scan_plan
-  from mmjax.train import flops
-  cfg = model_config(config)
-  d = cfg.decoder
-  if not d.scan_layers:
+def uncounted_flops(config: ml_collections.ConfigDict, *, trainable: frozenset[str], batch: int, length: int,
+                    num_images: int, chips: int) -> float:
+  """FLOPs per chip that XLA's cost analysis misses (`AbstractModel.uncounted_flops`: a
+  scanned decoder's loop body is counted once); 0 for a family that misses none."""
+  from mmjax import families
+  model = families.of_config(config).abstract(config)
+  if model.uncounted_flops is None:
     return 0.0
-  plan = scan_plan(d)
-  if plan.num_blocks < 2:
-    return 0.0
-  fwd = flops.flamingo_forward_flops(cfg, num_images, length)
-  lm = fwd["lm"][0]
-  # Every scanned block but (at most) the first lies above a trainable parameter (the
-  # resampler or a cross-attention), so gradients pass through all repeated blocks.
-  lm_mult = (3 if "lm" in trainable else 2) + (1 if d.remat else 0)
-  block = plan.block_size * lm_mult * lm
-  if plan.with_xattn:
-    block += (3 if "xattn" in trainable else 2) * fwd["xattn"][0]
-  return (plan.num_blocks - 1) * block * batch / chips
+  return model.uncounted_flops(trainable, batch, length, num_images, chips)
 
 
 def _shard_bytes(tree) -> int:
@@ -218,7 +177,7 @@ def compile_step(config: ml_collections.ConfigDict, *, topology: str, mesh: dict
           - mem.alias_size_in_bytes)
   total = max(int(getattr(mem, "peak_memory_in_bytes", 0) or 0), live)
   temp = max(int(mem.temp_size_in_bytes), total - int(mem.argument_size_in_bytes))
-  added = scan_flops_correction(config, trainable=trainable, batch=batch, length=length,
-                                num_images=num_images, chips=len(devices))
+  added = uncounted_flops(config, trainable=trainable, batch=batch, length=length, num_images=num_images,
+                          chips=len(devices))
   return Fit(**sized, temp_bytes=temp, total_bytes=int(total),
              flops_per_chip=float(cost.get("flops", 0.0)) + added, compile_s=elapsed, scan_flops_added=added)

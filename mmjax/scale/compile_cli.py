@@ -96,6 +96,7 @@ def main(argv: list[str]) -> int:
 
   import dataclasses as _dc
   from mmjax.scale import aot
+  from mmjax import families
   from mmjax.train import config as config_lib, optimizer
   try:
     config = config_lib.load_config(args.config)
@@ -110,7 +111,8 @@ def main(argv: list[str]) -> int:
       if args.scan_layers:
         config.model.decoder.scan_layers = True
     trainable = (frozenset(t for t in args.trainable.split(",") if t) if args.trainable
-                 else optimizer.parse_stages(str(config.freeze.stages))[0].trainable)
+                 else optimizer.parse_stages(str(config.freeze.stages), families.of_config(config).components)[0]
+                 .trainable)
     batch = args.batch or int(config.data.batch_size)
     length = args.length or int(config.data.text_length)
     num_images = args.num_images or int(config.data.num_images)

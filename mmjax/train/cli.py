@@ -67,15 +67,15 @@ def train_main(argv: list[str]) -> int:
   except config_lib.HelpRequested as h:
     print(h)
     return 0
+  from mmjax import families
   from mmjax.train import loop
-  from mmjax.train import task as task_lib
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   workdir = extra["workdir"]
   if not workdir:
     raise ValueError("--workdir=DIR is required")
   if config is None:  # `mmjax train --workdir DIR` resumes with the config written there
     config = config_lib.read_resolved(workdir)
-  task = task_lib.flamingo_task(config, workdir=None if extra["restart"] else workdir)
+  task = families.of_config(config).task(config, None if extra["restart"] else workdir)
   summary = loop.train(config, workdir, task, allow_config_change=extra["allow_config_change"],
                        restart=extra["restart"])
   what = "preempted (SIGTERM), saved" if summary["preempted"] else "done"
@@ -111,7 +111,7 @@ def generate_main(argv: list[str]) -> int:
   from mmjax.data import preprocess
   from mmjax.train import config as config_lib
   from mmjax.train import evaluate
-  from mmjax.train import task as task_lib
+  from mmjax.families.flamingo import task as task_lib
   p = argparse.ArgumentParser(prog="mmjax generate", description="answer a prompt about images")
   p.add_argument("--workdir", required=True)
   p.add_argument("--image", action="append", default=[], help="an image file, one per <image> (repeatable)")

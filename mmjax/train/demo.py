@@ -27,7 +27,7 @@ def run(workdir: str, *, config_path: str, data_dir: str | None, overrides: list
   from mmjax.train import evaluate
   from mmjax.train import loop
   from mmjax.train import plot
-  from mmjax.train import task as task_lib
+  from mmjax import families
 
   import jax
   # The blanked run compiles exactly the programs of the first one: keep them on disk.
@@ -46,7 +46,7 @@ def run(workdir: str, *, config_path: str, data_dir: str | None, overrides: list
     wd = os.path.join(workdir, name)
     t = time.time()
     print(f"[demo] training flamingo/tiny ({name}) for {config.train.num_steps} steps into {wd}", flush=True)
-    task = task_lib.flamingo_task(config)
+    task = families.of_config(config).task(config, None)
     summary = loop.train(config, wd, task)
     train_s = time.time() - t
     params = summary["state"].params

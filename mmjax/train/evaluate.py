@@ -26,7 +26,8 @@ from mmjax.train import cider as cider_lib
 from mmjax.train import config as config_lib
 from mmjax.train import loop
 from mmjax.train import step as step_lib
-from mmjax.train import task as task_lib
+from mmjax import families
+from mmjax.families.flamingo import task as task_lib
 from mmjax.train import workdir as workdir_lib
 
 EVAL_FILE = "eval.json"
@@ -140,7 +141,7 @@ def caption_cider(config: ml_collections.ConfigDict, gen: Generator, *, limit: i
 def load(workdir: str):
   """(config, task, step, params) of the newest complete checkpoint of a work directory."""
   config = config_lib.read_resolved(workdir)
-  task = task_lib.flamingo_task(config, workdir)
+  task = families.of_config(config).task(config, workdir)
   step, params = loop.restore_params(config, workdir, task)
   return config, task, step, params
 

@@ -3,7 +3,7 @@
 `train(config, workdir, task)` runs `config.train.num_steps` updates into `workdir`,
 resuming from the newest complete checkpoint there. A `Task` says what is trained (a
 model's init/apply and parameter labels) on what data (an iterator with
-`get_state()/set_state()`); `mmjax.train.task.flamingo_task(config)` is the real one, the
+`get_state()/set_state()`); `mmjax.families.of_config(config).task(config, workdir)` is the real one, the
 tests use a tiny stand-in. Per step the loop only dispatches: the metrics of the previous
 step are fetched after the next one is queued, so the host never waits on the device
 except at checkpoints and evaluations.
@@ -18,7 +18,6 @@ a TPU pod) run the same code, each feeding its own rows.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -34,8 +33,10 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from mmjax import families
 from mmjax import sharding as sh
 from mmjax.errors import MmjaxError
+from mmjax.families.base import Task, process_batch_size  # noqa: F401 -- process_batch_size: the loop's API
 from mmjax.train import sharded_step
 from mmjax.train import checkpoint as checkpoint_lib
 from mmjax.train import config as config_lib
@@ -51,41 +52,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(MmjaxError, RuntimeError):
   """The loss or gradient norm was not finite (and `train.nan_policy == 'stop'`)."""
-
-
-@dataclasses.dataclass
-class Task:
-  """What is trained on what: the loop's only view of the model and the data."""
-  # (rng key) -> params
-  init_params: Callable[[jax.Array], Any]
-  # (params, batch, rng) -> logits [B, T, V]
-  apply_fn: step_lib.ApplyFn
-  # params -> pytree of 'vision' | 'resampler' | 'xattn' | 'lm'
-  param_labels: Callable[[Any], Any]
-  # () -> iterator of numpy batches with get_state()/set_state()
-  train_data: Callable[[], Iterator[dict]]
-  # () -> finite iterable of validation batches, or None
-  val_data: Callable[[], Iterable[dict]] | None = None
-  # trainable components -> matmul FLOPs of one example's train step, or None (no MFU)
-  flops_per_example: Callable[[frozenset], float] | None = None
-  # (rng key) -> the abstract parameters with their logical-axis boxes
-  # (`jax.eval_shape(module.init, ...)['params']`), which the sharding rules read; None:
-  # every parameter is replicated (a model with no logical annotations).
-  boxed_params: Callable[[jax.Array], Any] | None = None
-  # () -> {file name: bytes} the run depends on (the tokenizer): copied into the work
-  # directory at the first start, compared at every resume (`workdir.record_files`).
-  workdir_files: Callable[[], dict[str, bytes]] | None = None
-
-
-def process_batch_size(config: ml_collections.ConfigDict) -> int:
-  """Rows of each batch this JAX process reads (`config.data.batch_size` is the global batch)."""
-  global_batch = int(config.data.batch_size)
-  if not bool(config.data.get("shard_by_process", True)):
-    return global_batch
-  n = jax.process_count()
-  if global_batch % n:
-    raise ValueError(f"data.batch_size={global_batch} (the global batch) does not divide over {n} processes")
-  return global_batch // n
 
 
 def mesh_from_config(config: ml_collections.ConfigDict):
@@ -334,6 +300,9 @@ def _own_workdir(config, workdir: str, task: Task, *, allow_config_change: bool,
     if os.path.exists(os.path.join(workdir, config_lib.RESOLVED_CONFIG)):
       with open(os.path.join(workdir, config_lib.RESOLVED_CONFIG)) as f:
         recorded = json.load(f)
+      # Written before configs named their family: they were all the default one.
+      if isinstance(recorded.get("model"), dict):
+        recorded["model"].setdefault("family", families.DEFAULT)
     workdir_lib.check_resume(workdir, recorded, json.loads(config.to_json_best_effort()),
                              allow_change=allow_config_change)
     if task.workdir_files is not None:
@@ -346,12 +315,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
   policy = _fmt_policy(config)
   max_skips = _max_consecutive_skips(config)
   num_steps = int(config.train.num_steps)
-  stages = optimizer_lib.parse_stages(str(config.freeze.stages))
   schedule = optimizer_lib.make_schedule(config)
   seed = int(config.seed)
   init_key = jax.random.key(seed)
   abstract_params = jax.eval_shape(task.init_params, init_key)
   labels = task.param_labels(abstract_params)
+  stages = optimizer_lib.parse_stages(str(config.freeze.stages), task.components or optimizer_lib.components_of(labels))
   masks = [optimizer_lib.trainable_mask(labels, s.trainable) for s in stages]
   txs = [optimizer_lib.make_transform(config, m) for m in masks]
   on_cpu = jax.devices()[0].platform == "cpu"
@@ -382,7 +351,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     return shardings[i]
 
   def build_step(i, abstract_batch):
-    fn = step_lib.make_train_step(apply_fn=task.apply_fn, tx=txs[i], mask=masks[i], schedule=schedule,
+    fn = step_lib.make_train_step(apply_fn=task.apply_fn, loss_fn=task.loss_fn, tx=txs[i], mask=masks[i],
+                                  schedule=schedule,
                                   grad_accum_steps=int(config.optimizer.grad_accum_steps),
                                   remat=str(config.train.remat))
     # Donation saves a copy of the state on accelerators; on CPU it buys nothing and
@@ -423,7 +393,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     nonlocal eval_jit
     if eval_jit is None:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      eval_jit = jax.jit(step_lib.make_eval_step(task.apply_fn),
+      eval_jit = jax.jit(step_lib.make_eval_step(task.apply_fn, task.loss_fn),
                          in_shardings=(state_shardings(cur_stage)[1], sh.batch_shardings(batch, mesh, rules)),
                          out_shardings=replicated)
     with sh.activation_rules(mesh, rules):
@@ -508,7 +478,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         ntok = float(np.prod(gbatch["input_ids"].shape))
         # Images of the global batch: this process's count times the processes (exact
         # when every process holds the whole batch).
-        nimg = float(np.sum(batch["image_mask"])) * (jax.process_count() if per_process else 1)
+        nimg = float(np.sum(batch.get("image_mask", 0))) * (jax.process_count() if per_process else 1)
         state, metrics = step_fn(state, gbatch)
         if pending is not None:
           flush(pending)
@@ -545,8 +515,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, task: Task):
   """(step, params) of the newest complete checkpoint in `workdir` (for eval and generate)."""
-  stages = optimizer_lib.parse_stages(str(config.freeze.stages))
   labels = task.param_labels(jax.eval_shape(task.init_params, jax.random.key(int(config.seed))))
+  stages = optimizer_lib.parse_stages(str(config.freeze.stages), task.components or optimizer_lib.components_of(labels))
   txs = [optimizer_lib.make_transform(config, optimizer_lib.trainable_mask(labels, s.trainable)) for s in stages]
 
   def template(step):

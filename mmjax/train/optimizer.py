@@ -1,7 +1,7 @@
 """The optimizer: AdamW with warmup + cosine, global-norm clipping, and freezing by component.
 
-Freezing follows the labels a model gives its parameters (`vision`, `resampler`, `xattn`,
-`lm`; see `mmjax.models.flamingo.param_labels`). A *stage* is a set of trainable
+Freezing follows the labels a model family gives its parameters (its components: Flamingo's
+`vision`, `resampler`, `xattn`, `lm`; `mmjax.families.base.Family.components`). A *stage* is a set of trainable
 components that holds from a given step on; `config.freeze.stages` is a string
 `"STEP:comp,comp;STEP:comp,..."`, e.g. `"0:vision,resampler,xattn,lm;300:resampler,xattn"`
 trains everything for 300 steps and then runs the Flamingo recipe over frozen towers.
@@ -16,15 +16,12 @@ stage boundary does not restart warmup.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-
-COMPONENTS = ("vision", "resampler", "xattn", "lm")
-
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -33,8 +30,10 @@ class Stage:
   trainable: frozenset[str]
 
 
-def parse_stages(spec: str) -> tuple[Stage, ...]:
-  """Parses `"0:resampler,xattn;500:resampler,xattn,lm"` into stages sorted by start step."""
+def parse_stages(spec: str, components: Sequence[str]) -> tuple[Stage, ...]:
+  """Parses `"0:resampler,xattn;500:resampler,xattn,lm"` into stages sorted by start step;
+  every name must be one of `components` (the model's labels)."""
+  components = tuple(components)
   stages = []
   for part in (p.strip() for p in spec.split(";")):
     if not part:
@@ -47,11 +46,12 @@ def parse_stages(spec: str) -> tuple[Stage, ...]:
     except ValueError:
       raise ValueError(f"freeze stage {part!r}: start step {step_str!r} is not an integer") from None
     names = frozenset(c.strip() for c in comps.split(",") if c.strip())
-    unknown = names - set(COMPONENTS)
+    unknown = names - set(components)
     if unknown:
-      raise ValueError(f"freeze stage {part!r} names {sorted(unknown)}; expected components from {COMPONENTS}")
+      raise ValueError(f"freeze stage {part!r} names {sorted(unknown)}, which the model does not have; "
+                       f"expected components from {components}")
     if not names:
-      raise ValueError(f"freeze stage {part!r} trains nothing; name at least one of {COMPONENTS}")
+      raise ValueError(f"freeze stage {part!r} trains nothing; name at least one of {components}")
     stages.append(Stage(start, names))
   stages.sort(key=lambda s: s.start_step)
   if not stages or stages[0].start_step != 0:
@@ -80,13 +80,14 @@ def make_schedule(config: ml_collections.ConfigDict) -> Callable[[jax.Array], ja
       decay_steps=max(total, warmup + 1), end_value=float(opt.lr) * float(sch.end_lr_fraction))
 
 
+def components_of(labels) -> tuple[str, ...]:
+  """The component labels a model's label tree uses, sorted."""
+  return tuple(sorted(set(jax.tree.leaves(labels))))
+
+
 def trainable_mask(labels, trainable: frozenset[str]):
   """Pytree of bools: True where the parameter's component label is trainable."""
-  def check(label):
-    if label not in COMPONENTS:
-      raise ValueError(f"parameter label {label!r} is not one of {COMPONENTS}")
-    return label in trainable
-  return jax.tree.map(check, labels)
+  return jax.tree.map(lambda label: label in trainable, labels)
 
 
 def _decay_mask(params):

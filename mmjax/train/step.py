@@ -7,8 +7,9 @@ a dict of arrays with leading dimension B:
   images uint8 [B, N, H, W, 3], image_mask bool [B, N], input_ids int32 [B, T],
   image_index int32 [B, T], targets int32 [B, T], loss_mask float32 [B, T]
 
-The loss is the token-weighted mean of the next-token cross-entropy over `loss_mask`,
-computed in float32 whatever the compute dtype. Gradient accumulation splits B into
+The loss is the family's (`Task.loss_fn`: a sum over counted units, their count and named
+metric sums), by default the token-weighted mean of the next-token cross-entropy over
+`loss_mask`, computed in float32 whatever the compute dtype. Gradient accumulation splits B into
 `grad_accum_steps` micro-batches under `lax.scan` and sums token-weighted gradients, so the
 update equals the one of the whole batch at once. A step whose loss or gradient norm is not
 finite leaves the state unchanged (and reports `finite=0`); the loop decides to stop or go on.
@@ -23,10 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmjax.families.base import ApplyFn, LossFn
 from mmjax.train.state import TrainState
-
-# apply_fn(params, batch, rng) -> logits float [B, T, V]
-ApplyFn = Callable[[Any, dict, jax.Array], jax.Array]
 
 GATE_NAMES = ("attn_gate", "ff_gate")
 
@@ -47,6 +46,14 @@ def token_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tu
   nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   mask = loss_mask.astype(jnp.float32)
   return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def next_token_loss(apply_fn: ApplyFn) -> LossFn:
+  """The language-modelling loss: next-token NLL of `apply_fn`'s logits over `loss_mask`."""
+  def loss(params, batch, rng):
+    total, count = token_nll(apply_fn(params, batch, rng), batch["targets"], batch["loss_mask"])
+    return total, count, {}
+  return loss
 
 
 def gate_values(params) -> dict[str, jax.Array]:
@@ -87,8 +94,9 @@ def _freeze(params, mask):
   return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
 
 
-def make_train_step(*, apply_fn: ApplyFn, tx: optax.GradientTransformation, mask, schedule: Callable,
-                    grad_accum_steps: int = 1, remat: str = "none") -> Callable:
+def make_train_step(*, apply_fn: ApplyFn | None = None, tx: optax.GradientTransformation, mask,
+                    schedule: Callable, grad_accum_steps: int = 1, remat: str = "none",
+                    loss_fn: LossFn | None = None) -> Callable:
   """Builds `train_step(state, batch) -> (state, metrics)`.
 
   mask: pytree of bools over the parameters (True = trainable), fixed for this stage.
@@ -100,10 +108,11 @@ def make_train_step(*, apply_fn: ApplyFn, tx: optax.GradientTransformation, mask
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
 
+  loss_fn = loss_fn or next_token_loss(apply_fn)
+
   def micro_loss(params, batch, rng):
-    logits = apply_fn(_freeze(params, mask), batch, rng)
-    total, count = token_nll(logits, batch["targets"], batch["loss_mask"])
-    return total, count
+    total, count, extra = loss_fn(_freeze(params, mask), batch, rng)
+    return total, (count, extra)
 
   if REMAT_POLICIES[remat] is not None:
     micro_loss = jax.checkpoint(micro_loss, policy=REMAT_POLICIES[remat])
@@ -117,19 +126,23 @@ def make_train_step(*, apply_fn: ApplyFn, tx: optax.GradientTransformation, mask
     if grad_accum_steps == 1:
       # No loop of one trip: XLA:CPU runs convolutions inside a while loop 2-3x slower
       # (a ViT with a convolutional stem: 320 against 132 ms per gradient, batch 32).
-      (total, count), grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
+      (total, (count, extra)), grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
     else:
       micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, b // grad_accum_steps) + x.shape[1:]), batch)
 
       def body(carry, xs):
-        g_acc, tot_acc, cnt_acc = carry
+        g_acc, tot_acc, cnt_acc, extra_acc = carry
         mb, i = xs
-        (tot, cnt), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-        return (jax.tree.map(jnp.add, g_acc, g), tot_acc + tot, cnt_acc + cnt), None
+        (tot, (cnt, ex)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, g_acc, g), tot_acc + tot, cnt_acc + cnt,
+                jax.tree.map(jnp.add, extra_acc, ex)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-      (grads, total, count), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum_steps)))
+      first = jax.tree.map(lambda x: x[0], micro)
+      extra_shapes = jax.eval_shape(lambda: grad_fn(state.params, first, rng)[0][1][1])
+      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), extra_shapes))
+      (grads, total, count, extra), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum_steps)))
     denom = jnp.maximum(count, 1.0)
     loss = total / denom
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
@@ -148,17 +161,22 @@ def make_train_step(*, apply_fn: ApplyFn, tx: optax.GradientTransformation, mask
     new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
                               opt_state=keep(new_opt, state.opt_state))
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32), "tokens": count,
-               "images": jnp.sum(batch["image_mask"].astype(jnp.float32)),
                "finite": finite.astype(jnp.float32)}
+    if "image_mask" in batch:
+      metrics["images"] = jnp.sum(batch["image_mask"].astype(jnp.float32))
+    metrics.update({name: value / denom for name, value in extra.items()})
     metrics.update(gate_values(new_state.params))
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(apply_fn: ApplyFn) -> Callable:
-  """Builds `eval_step(params, batch) -> (sum of nll, token count)` (float32 scalars)."""
+def make_eval_step(apply_fn: ApplyFn | None = None, loss_fn: LossFn | None = None) -> Callable:
+  """Builds `eval_step(params, batch) -> (sum of the loss, count)` (float32 scalars) of
+  `loss_fn` (default: the next-token NLL of `apply_fn`)."""
+  loss_fn = loss_fn or next_token_loss(apply_fn)
+
   def eval_step(params, batch):
-    logits = apply_fn(params, batch, jax.random.key(0))
-    return token_nll(logits, batch["targets"], batch["loss_mask"])
+    total, count, _ = loss_fn(params, batch, jax.random.key(0))
+    return total, count
   return eval_step

@@ -56,7 +56,8 @@ def make_batch(seed: int, batch_size: int = 8) -> dict:
 def build(trainable=("vision", "resampler", "xattn", "lm"), gate_init: float = 0.0):
   """(boxed abstract params, host train state, trainable mask, train_step)."""
   from mmjax.models import flamingo
-  from mmjax.train import optimizer, state as state_lib, step as step_lib, task
+  from mmjax.families.flamingo import task
+  from mmjax.train import optimizer, state as state_lib, step as step_lib
   cfg = config()
   example = make_batch(0, 1)
   model = task.Model(cfg, example, gate_init=gate_init)

@@ -62,7 +62,7 @@ def test_fsdp_per_chip_parameter_and_optimizer_bytes_fall_7x_from_4_to_32_chips(
 
 def test_scan_layers_compiles_with_the_unrolled_state_bytes_and_flops(tmp_path):
   # flamingo-tiny scanned (2 blocks of 2 layers) vs unrolled: the same sharded state, and
-  # XLA's count (loop body once) plus scan_flops_correction close to the unrolled count.
+  # XLA's count (loop body once) plus uncounted_flops close to the unrolled count.
   import json
   out = tmp_path / "fit.jsonl"
   args = ["--config", "configs/flamingo/tiny.py", "--topology", "v5e:2x2", "--batch", "8",

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import sharding as sh
-from mmjax.train import task
+from mmjax.families.flamingo import task
 from tests.scale import small_flamingo
 
 

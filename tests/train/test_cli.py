@@ -16,7 +16,7 @@ from mmjax.train import cli
 from mmjax.train import config as config_lib
 from mmjax.train import evaluate
 from mmjax.train import metrics as metrics_lib
-from mmjax.train import task as task_lib
+from mmjax.families.flamingo import task as task_lib
 
 SMALL = ["--config.data.batch_size=4", "--config.data.text_length=32", "--config.data.image_size=16",
          "--config.model.vision.image_size=16", "--config.train.num_steps=4", "--config.schedule.warmup_steps=1",

@@ -12,7 +12,7 @@ import pytest
 from mmjax import zoo
 from mmjax.layers import embed
 from mmjax.train import cider
-from mmjax.train import flops
+from mmjax.families.flamingo import flops
 
 
 def test_cider_gives_10_to_a_caption_equal_to_its_only_reference_when_no_ngram_is_shared():

@@ -25,7 +25,7 @@ from mmjax.data import builders
 from mmjax.train import config as config_lib
 from mmjax.train import loop
 from mmjax.train import metrics as metrics_lib
-from mmjax.train import task as task_lib
+from mmjax.families.flamingo import task as task_lib
 from tests.train.test_checkpoint import ROOT, _env
 
 STEPS = 200

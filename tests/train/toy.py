@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.families.base import Task
 from mmjax.train import config as config_lib
-from mmjax.train import loop
 
 VOCAB = 16
+COMPONENTS = ("vision", "resampler", "xattn", "lm")  # the labels `labels` gives
 IMG = 4
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "flamingo", "tiny.py")
 
@@ -101,7 +102,7 @@ class ToyData:
     self.index = int(state["index"])
 
 
-def task(config, *, width: int = 16, stall_at: int | None = None) -> loop.Task:
+def task(config, *, width: int = 16, stall_at: int | None = None) -> Task:
   """The toy Task; `width` changes every parameter's shape, `stall_at` hangs the data there."""
   model = ToyFlamingo(width)
   example = make_batch(0, 2)
@@ -114,7 +115,7 @@ def task(config, *, width: int = 16, stall_at: int | None = None) -> loop.Task:
                        batch["image_mask"])
 
   bsz = int(config.data.batch_size)
-  return loop.Task(init_params=init_params, apply_fn=apply_fn, param_labels=labels,
+  return Task(init_params=init_params, apply_fn=apply_fn, param_labels=labels,
                    train_data=lambda: ToyData(bsz, stall_at),
                    val_data=lambda: [make_batch(10_000 + i, bsz) for i in range(2)],
                    flops_per_example=lambda trainable: 1e6)

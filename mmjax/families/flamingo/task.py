@@ -25,8 +25,8 @@ from mmjax.models import flamingo
 from mmjax.models.decoder import DecoderConfig
 from mmjax.models.perceiver import PerceiverConfig
 from mmjax.models.vit import ViTConfig
-from mmjax.train import flops as flops_lib
-from mmjax.train import loop
+from mmjax.families import base
+from mmjax.families.flamingo import flops as flops_lib
 
 
 def preset_dict(name: str) -> dict:
@@ -169,7 +169,7 @@ def example_batch(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokeniz
           "loss_mask": np.zeros(ids.shape, np.float32)}
 
 
-def flamingo_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> loop.Task:
+def flamingo_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> base.Task:
   """The loop's Task for `config`; with `workdir`, on the tokenizer that work directory
   trains with (`tokenizer_file`)."""
   tokenizer_bytes = _read_tokenizer(config, workdir)
@@ -178,7 +178,7 @@ def flamingo_task(config: ml_collections.ConfigDict, workdir: str | None = None)
   model = Model(cfg, example_batch(config, tokenizer), float(config.init.gate_value))
   d, bk = data_dir(config), bucket(config)
   # data.batch_size is the global batch; each process reads its rows (or all of them).
-  bsz = loop.process_batch_size(config)
+  bsz = base.process_batch_size(config)
   by_process = bool(config.data.get("shard_by_process", True))
   mixture = parse_mixture(str(config.data.mixture))
   max_bad = int(config.data.get("max_consecutive_bad_records",
@@ -195,7 +195,8 @@ def flamingo_task(config: ml_collections.ConfigDict, workdir: str | None = None)
                                   max_consecutive_bad_records=max_bad)
 
   fwd = flops_lib.flamingo_forward_flops(cfg, bk.max_images, bk.text_length)
-  return loop.Task(init_params=model.init, apply_fn=model.apply, param_labels=flamingo.param_labels,
+  return base.Task(init_params=model.init, apply_fn=model.apply, param_labels=flamingo.param_labels,
                    train_data=train_data, val_data=val_data,
                    flops_per_example=lambda trainable: flops_lib.train_flops_per_example(fwd, trainable),
-                   boxed_params=model.boxed, workdir_files=lambda: {TOKENIZER_COPY: tokenizer_bytes})
+                   boxed_params=model.boxed, workdir_files=lambda: {TOKENIZER_COPY: tokenizer_bytes},
+                   components=flamingo.COMPONENTS)

@@ -1,0 +1,1 @@
+"""The Flamingo family (`family.FAMILY`); see `family`."""
