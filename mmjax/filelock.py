@@ -1,10 +1,13 @@
-"""`HolderLock`: an `flock` on a file that also records who holds it.
+"""`HolderLock`: an `flock` on a file that also records who holds it; `atomic_write`: a
+file written whole or not at all.
 
 Used for what one process at a time may write: a work directory (`mmjax train`) and a
 data directory (`mmjax data build | import`). The kernel drops an `flock` when its holder
 dies, so a crash never leaves a lock behind; the JSON record in the file (host, pid,
 start time, command) is only for messages, and a record left by a dead holder says whose
-lock was taken over. A leaf module: every package may import it.
+lock was taken over. A reader of a file written with `atomic_write` (a manifest, a
+tokenizer, a work directory's record) never sees half of it. A leaf module: every package
+may import it.
 """
 
 from __future__ import annotations
@@ -66,3 +69,13 @@ class HolderLock:
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
+
+
+def atomic_write(path: str, content: bytes) -> None:
+  """Writes `path` whole or not at all: a temporary file of this process, synced, renamed over it."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(content)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)

@@ -402,13 +402,8 @@ def read_manifest(data_dir: str | None = None) -> dict:
 
 def _write_manifest(data_dir: str, manifest: dict) -> None:
   """Replaces the manifest whole (a temporary file of this process, synced, then renamed)."""
-  path = os.path.join(data_dir, MANIFEST)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  filelock.atomic_write(os.path.join(data_dir, MANIFEST),
+                        json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 def _manifest_or_empty(data_dir: str) -> dict:

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 import sentencepiece as spm
 
+from mmjax import filelock
 from mmjax.data.scenes import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 
 SPECIAL_TOKENS = (IMAGE_TOKEN, END_OF_CHUNK_TOKEN)
@@ -60,12 +61,7 @@ class Tokenizer:
       raise ValueError(f"sentencepiece produced an empty model from {len(texts)} texts")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # Whole or not at all: a reader of the data directory never sees half a model.
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(proto)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    filelock.atomic_write(str(path), proto)
     return cls(proto)
 
   @property

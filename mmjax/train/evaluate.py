@@ -27,6 +27,7 @@ from mmjax.train import config as config_lib
 from mmjax.train import loop
 from mmjax.train import step as step_lib
 from mmjax import families
+from mmjax import filelock
 from mmjax.families.flamingo import task as task_lib
 from mmjax.train import workdir as workdir_lib
 
@@ -181,16 +182,14 @@ def evaluate(workdir: str, *, num_questions: int | None = None, few_shot_k: int 
     res[f"qa_{k}_shot"], _ = qa_accuracy(config, gen, shots=k, limit=limit, max_new_tokens=max_new)
   if with_cider:
     res["cider"] = caption_cider(config, gen, limit=min(limit or 100, 100))
-  workdir_lib.atomic_write(out_path, json.dumps(res, indent=2).encode())
+  filelock.atomic_write(out_path, json.dumps(res, indent=2).encode())
   return res
 
 
 def _check_writable(path: str) -> None:
-  probe = f"{path}.probe-{os.getpid()}"
   try:
-    with open(probe, "wb"):
-      pass
-    os.remove(probe)
+    workdir_lib.ensure_writable(os.path.dirname(path))
   except OSError as e:
-    raise OSError(e.errno, f"cannot write the results to {path} ({e.strerror}); nothing was evaluated. Make "
+    reason = os.strerror(e.errno) if e.errno else e.strerror
+    raise OSError(e.errno, f"cannot write the results to {path} ({reason}); nothing was evaluated. Make "
                   "the work directory writable, or copy it somewhere writable and evaluate the copy") from None

@@ -36,7 +36,7 @@ import numpy as np
 from mmjax import families
 from mmjax import sharding as sh
 from mmjax.errors import MmjaxError
-from mmjax.families.base import Task, process_batch_size  # noqa: F401 -- process_batch_size: the loop's API
+from mmjax.families.base import Task
 from mmjax.train import sharded_step
 from mmjax.train import checkpoint as checkpoint_lib
 from mmjax.train import config as config_lib

@@ -166,17 +166,7 @@ def record_files(workdir: str, files: Mapping[str, bytes], *, write: bool = True
             f"work directory's copy (the `mmjax train` command does: it reads {path})")
       continue
     if write:
-      atomic_write(path, content)
-
-
-def atomic_write(path: str, content: bytes) -> None:
-  """Writes `path` whole or not at all (a temporary file renamed over it)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(content)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+      filelock.atomic_write(path, content)
 
 
 def start_over(workdir: str) -> str | None:
