@@ -3,7 +3,8 @@
   per dataset: source -> shard by JAX process -> seeded shuffle (reshuffled every epoch)
                -> repeat
   mixture (weights, or "sqrt": proportional to sqrt(size), InstructBLIP's resampling)
-  -> decode + resize images, tokenize, pad into the bucket (`preprocess.ExampleBuilder`)
+  -> decode + resize images (none in a text-only bucket), tokenize, pad into the bucket
+     (`preprocess.ExampleBuilder`)
   -> [worker processes] -> drop and count bad records -> batch (drop remainder)
 
 Bad records (`preprocess.BAD_REASONS`: corrupt_image, image_too_large, too_many_images,
@@ -16,6 +17,9 @@ the limit a dataset with no good record would be skipped through forever.
 Batches (B batch, N max_images, T text_length, S image_size) — see `preprocess`:
 `images` uint8 [B, N, S, S, 3], `image_mask` bool [B, N], `input_ids` int32 [B, T],
 `image_index` int32 [B, T], `targets` int32 [B, T], `loss_mask` float32 [B, T].
+A text-only bucket (N = 0, for a language model on the same data) gives only `input_ids`,
+`targets` and `loss_mask`: `<image>` tokens are dropped from the text and no image is
+decoded.
 
 Every step is a deterministic function of (seed, index), and the record-level work happens
 before the worker split, so the batches are the same for any `num_workers`;
@@ -213,7 +217,8 @@ def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size:
     data_dir: holds `mmjax_data.json` (`mmjax data build`); default `default_data_dir()`.
     split: "train", "validation" or "test" (or an imported dataset's split).
     batch_size: B, per JAX process.
-    bucket: `Bucket` or a tuple (max_images N, text_length T, image_size S).
+    bucket: `Bucket` or a tuple (max_images N, text_length T, image_size S); N = 0 gives
+      text-only batches (input_ids, targets, loss_mask) and decodes no image.
     seed: shuffling seed; the same seed gives the same batches.
     mixture: dataset name -> weight (default `DEFAULT_MIXTURE`), or "sqrt".
     num_workers: grain worker processes (0: in this process); batches do not depend on it.

@@ -1,6 +1,6 @@
 """One record -> one fixed-shape example, and the policy for records that cannot be one.
 
-An example of bucket (N = max_images, T = text_length, S = image_size):
+An example of an image bucket (N = max_images >= 1, T = text_length, S = image_size):
 
   images       uint8   [N, S, S, 3]  resized to S x S; NOT normalised: the model does it,
                                      because CLIP and SigLIP encoders use different
@@ -12,6 +12,20 @@ An example of bucket (N = max_images, T = text_length, S = image_size):
   targets      int32   [T]           input_ids shifted left by one; the last one is pad
   loss_mask    float32 [T]           1 where the target is a text token; 0 where it is pad
                                      or `<image>` (an image is not predicted)
+
+An example of a text-only bucket (`max_images=0`), for a language model trained on the
+text of the same records: only
+
+  input_ids    int32   [T]           BOS, text ids without any `<image>`, EOS (if the text
+                                     was not truncated), pad
+  targets      int32   [T]           input_ids shifted left by one; the last one is pad
+  loss_mask    float32 [T]           1 where the target is not pad
+
+The builder never touches the record's images, let alone decodes them (a text example
+costs one tokenization), and drops its `<image>` tokens, so their count is not checked;
+`<|endofchunk|>` stays, as text. Text longer than T is cut at T, wherever that falls: with
+no image there is no chunk to keep whole. In both modes a truncated example is the one
+without EOS.
 
 Bad data (reasons below) is either skipped and counted (`bad_data="skip"`: the example
 becomes a marker `{"bad_record": reason, "record_id": id}` that the pipeline drops,
@@ -50,6 +64,7 @@ BAD_REASONS = (
     "text_too_long",         # longer than T with no chunk boundary to cut at
     "image_token_mismatch",  # number of <image> tokens != number of images
 )
+# A text-only bucket touches no image and cuts text anywhere: only "empty_text" applies to it.
 
 
 # mmjax's own limit, checked on the size in the header before any pixel is decoded; PIL's
@@ -109,14 +124,23 @@ class BadImageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
-  """The fixed shapes of a batch: a train step compiles once per bucket."""
-  max_images: int = 1   # N: image slots per example
+  """The fixed shapes of a batch: a train step compiles once per bucket.
+
+  `max_images=0` makes text-only examples (input_ids, targets, loss_mask), for a language
+  model that trains on the text of the same data; `image_size` then shapes nothing.
+  """
+  max_images: int = 1   # N: image slots per example; 0: text only, no image is decoded
   text_length: int = 64  # T: tokens per example
   image_size: int = 64  # S: images are resized to S x S (the model's resolution)
 
   def __post_init__(self):
-    if self.max_images < 1 or self.text_length < 2 or self.image_size < 1:
-      raise ValueError(f"bucket {self}; expected max_images >= 1, text_length >= 2, image_size >= 1")
+    if self.max_images < 0 or self.text_length < 2 or self.image_size < 1:
+      raise ValueError(f"bucket {self}; expected max_images >= 0 (0: text only), "
+                       "text_length >= 2, image_size >= 1")
+
+  @property
+  def text_only(self) -> bool:
+    return self.max_images == 0
 
 
 def _as_str(value) -> str:
@@ -210,6 +234,8 @@ class ExampleBuilder:
     return example
 
   def _build(self, record: dict, record_id: str) -> dict:
+    if self.bucket.text_only:
+      return self._build_text(record, record_id)
     tok, bucket = self.tokenizer, self.bucket
     n_max, t_max = bucket.max_images, bucket.text_length
     text = _as_str(record["text"])
@@ -236,19 +262,40 @@ class ExampleBuilder:
         pixels[k] = decode_image(bytes(data), bucket.image_size, f"image {k}")
       except BadImageError as e:
         raise BadRecordError(record_id, e.reason, str(e)) from e
+    sequence = self._sequence(ids)
+    return {
+        "images": pixels,
+        "image_mask": np.arange(n_max) < n_images,
+        "input_ids": sequence["input_ids"],
+        "image_index": np.cumsum(sequence["input_ids"] == tok.image_id, dtype=np.int32),
+        "targets": sequence["targets"],
+        "loss_mask": sequence["loss_mask"],
+    }
+
+  def _build_text(self, record: dict, record_id: str) -> dict:
+    """A text-only example: the record's images are not touched, its `<image>` ids dropped."""
+    tok = self.tokenizer
+    text = _as_str(record["text"])
+    # Dropped as ids, not as a substring before encoding: the text keeps the pieces it has
+    # in an image bucket (the tokenizer encodes the parts around an `<image>` separately).
+    text_ids = [i for i in tok.encode(text) if i != tok.image_id]
+    if all(i == tok.end_of_chunk_id for i in text_ids):
+      raise BadRecordError(record_id, "empty_text", f"text {text[:80]!r} has no words")
+    ids = [tok.bos_id] + text_ids + [tok.eos_id]
+    # Cut at T: the EOS goes with the cut, which marks truncation as the image mode does.
+    return self._sequence(ids[:self.bucket.text_length])
+
+  def _sequence(self, ids: list[int]) -> dict[str, np.ndarray]:
+    """ids (at most T) -> input_ids, targets, loss_mask, each [T], padded with pad."""
+    tok, t_max = self.tokenizer, self.bucket.text_length
     input_ids = np.full((t_max,), tok.pad_id, np.int32)
     input_ids[:len(ids)] = ids
     targets = np.full((t_max,), tok.pad_id, np.int32)
     targets[:len(ids) - 1] = ids[1:]
+    # An image is not predicted; a text-only sequence holds none, so there the mask is
+    # just "not pad".
     loss_mask = ((targets != tok.pad_id) & (targets != tok.image_id)).astype(np.float32)
-    return {
-        "images": pixels,
-        "image_mask": np.arange(n_max) < n_images,
-        "input_ids": input_ids,
-        "image_index": np.cumsum(input_ids == tok.image_id, dtype=np.int32),
-        "targets": targets,
-        "loss_mask": loss_mask,
-    }
+    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask}
 
   def _cut_at_chunk_boundary(self, ids: list[int], record_id: str, too_many_images: bool) -> list[int]:
     """The longest prefix ending at a chunk boundary that fits T and N and has text."""
