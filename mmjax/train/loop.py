@@ -18,6 +18,7 @@ a TPU pod) run the same code, each feeding its own rows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from mmjax.train import config as config_lib
 from mmjax.train import flops as flops_lib
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optimizer as optimizer_lib
+from mmjax.train import pretrained
 from mmjax.train import state as state_lib
 from mmjax.train import step as step_lib
 from mmjax.train import workdir as workdir_lib
@@ -130,14 +132,21 @@ def own_data_state(saved: Any, per_process: bool) -> Any:
 
 
 def blank_images(batch: dict) -> dict:
-  """The ablation: every image replaced by black pixels (the text, <image> tokens included, stays)."""
+  """The ablation: every image replaced by black pixels (the text, <image> tokens included, stays).
+
+  A text-only batch (no "images") has nothing to blank and comes back as it is, so a
+  blank-image control can share its data mixture with a text-only stream.
+  """
+  if "images" not in batch:
+    return batch
   out = dict(batch)
   out["images"] = np.zeros_like(np.asarray(batch["images"]))
   return out
 
 
 def prepare_batch(config: ml_collections.ConfigDict, batch: dict) -> dict:
-  return blank_images(batch) if bool(config.data.blank_images) else batch
+  """The batch as the step sees it: with `data.blank_images`, the control run's blanked images."""
+  return blank_images(batch) if bool(config.data.get("blank_images", False)) else batch
 
 
 def evaluate_loss(eval_step, params, batches: Iterable[dict], config, max_batches: int = 0,
@@ -311,9 +320,82 @@ def _own_workdir(config, workdir: str, task: Task, *, allow_config_change: bool,
     yield
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
-  policy = _fmt_policy(config)
-  max_skips = _max_consecutive_skips(config)
+@dataclasses.dataclass
+class _Plan:
+  """What a run trains, over which devices, under which policies: fixed from its first step to its last.
+
+  Each freeze stage (`freeze.stages`) has its own trainable mask and optimizer, so its own
+  state shardings and jitted step; the plan builds those when a stage is first reached.
+  """
+  config: ml_collections.ConfigDict
+  task: Task
+  num_steps: int
+  seed: int
+  init_key: jax.Array
+  schedule: Any  # step -> learning rate
+  stages: tuple  # optimizer_lib.Stage, sorted by start step
+  masks: list  # per stage: pytree of bools over the parameters, True = trainable
+  txs: list  # per stage: its optimizer, which keeps state for the trainable leaves only
+  mesh: jax.sharding.Mesh
+  rules: Any  # sharding rules of trainable parameters and activations
+  frozen_rules: Any  # sharding rules of frozen parameters (None: `rules`)
+  boxed: Any  # the abstract parameters with their logical-axis boxes, which the rules read
+  per_process: bool  # `data.shard_by_process`: each process reads its own rows
+  put: BatchFeeder
+  # Donation saves a copy of the state on accelerators; on CPU it buys nothing and
+  # would race with an asynchronous checkpoint reading the previous state.
+  donate: bool
+  nan_policy: str  # 'stop' or 'skip'
+  max_skips: int  # `train.max_consecutive_skips`
+  peak_flops: float | None  # of one device, for the MFU; None: unknown
+  num_devices: int
+  _shardings: dict = dataclasses.field(default_factory=dict, repr=False)  # stage -> (state, params)
+  _flops: dict = dataclasses.field(default_factory=dict, repr=False)  # stage -> FLOPs per example
+
+  def abstract_state(self, stage: int, step: int = 0):
+    return jax.eval_shape(lambda: state_lib.create(self.task.init_params(self.init_key), self.txs[stage],
+                                                   self.seed, step))
+
+  def state_shardings(self, stage: int):
+    """(state shardings, param shardings) of `stage`: its frozen leaves follow `frozen_rules`."""
+    if stage not in self._shardings:
+      self._shardings[stage] = sharded_step.state_shardings(
+          self.abstract_state(stage), lambda s: s.params, self.boxed, self.mesh, self.rules,
+          trainable=self.masks[stage], frozen_rules=self.frozen_rules)
+    return self._shardings[stage]
+
+  def stage_before(self, step: int) -> int:
+    """The stage of the last update before `step`, whose optimizer state a checkpoint at `step` holds."""
+    return optimizer_lib.stage_index(self.stages, max(step - 1, 0))
+
+  def template(self, step: int):
+    """The abstract state saved at `step`, with this run's shardings: a checkpoint written
+    on any mesh (any number of processes) restores onto this one."""
+    stage = self.stage_before(step)
+    return jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        self.abstract_state(stage, step), self.state_shardings(stage)[0])
+
+  def build_step(self, stage: int, abstract_batch: dict):
+    fn = step_lib.make_train_step(apply_fn=self.task.apply_fn, loss_fn=self.task.loss_fn, tx=self.txs[stage],
+                                  mask=self.masks[stage], schedule=self.schedule,
+                                  grad_accum_steps=int(self.config.optimizer.grad_accum_steps),
+                                  remat=str(self.config.train.remat))
+    return sharded_step.shard_train_step(fn, self.abstract_state(stage), abstract_batch, self.boxed, self.mesh,
+                                         self.rules, trainable=self.masks[stage], frozen_rules=self.frozen_rules,
+                                         donate=self.donate)
+
+  def flops_per_example(self, stage: int) -> float | None:
+    """Model FLOPs of one example's update in `stage` (asked once per stage); None: no MFU."""
+    if self.task.flops_per_example is None or not self.peak_flops:
+      return None
+    if stage not in self._flops:
+      self._flops[stage] = self.task.flops_per_example(self.stages[stage].trainable)
+    return self._flops[stage]
+
+
+def _plan(config: ml_collections.ConfigDict, task: Task) -> _Plan:
+  """The run's `_Plan`, after checking that the batch splits over the mesh."""
+  nan_policy, max_skips = _fmt_policy(config), _max_consecutive_skips(config)
   num_steps = int(config.train.num_steps)
   schedule = optimizer_lib.make_schedule(config)
   seed = int(config.seed)
@@ -327,6 +409,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
   mesh, rules, frozen_rules = mesh_from_config(config)
   boxed = task.boxed_params(init_key) if task.boxed_params is not None else abstract_params
   per_process = bool(config.data.get("shard_by_process", True))
+  _check_batch_split(config, mesh, rules)
+  put = BatchFeeder(mesh, rules, per_process)
+  _say(f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices in {jax.process_count()} process"
+       f"{'es' if jax.process_count() > 1 else ''}; rules {(config.get('sharding', None) or {}).get('rules', 'fsdp')}")
+  return _Plan(config=config, task=task, num_steps=num_steps, seed=seed, init_key=init_key, schedule=schedule,
+               stages=stages, masks=masks, txs=txs, mesh=mesh, rules=rules, frozen_rules=frozen_rules, boxed=boxed,
+               per_process=per_process, put=put, donate=not on_cpu, nan_policy=nan_policy, max_skips=max_skips,
+               peak_flops=flops_lib.peak_flops_per_device(float(config.log.peak_tflops)),
+               num_devices=jax.device_count())
+
+
+def _check_batch_split(config: ml_collections.ConfigDict, mesh, rules):
+  """Raises ValueError unless `data.batch_size` divides over the mesh's batch-parallel axes."""
   batch_axes = sh.batch_sharding(mesh, rules).spec[0]
   batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
   split = math.prod(mesh.shape[a] for a in batch_axes)
@@ -335,182 +430,227 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         f"data.batch_size={int(config.data.batch_size)} does not split over the {split}-way batch axes"
         f" {batch_axes} of the mesh {dict(mesh.shape)}: use a multiple of {split}, or a mesh with fewer"
         f" batch-parallel devices (--config.mesh.*, e.g. --config.mesh.num_devices=N on one process)")
-  put = BatchFeeder(mesh, rules, per_process)
-  _say(f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices in {jax.process_count()} process"
-       f"{'es' if jax.process_count() > 1 else ''}; rules {(config.get('sharding', None) or {}).get('rules', 'fsdp')}")
 
-  def abstract_state(i, step=0):
-    return jax.eval_shape(lambda: state_lib.create(task.init_params(init_key), txs[i], seed, step))
 
-  shardings = {}  # stage -> (state shardings, param shardings)
+@dataclasses.dataclass
+class _Dispatched:
+  """A step queued on the device whose metrics the host has not fetched yet."""
+  step: int
+  metrics: dict  # on the device
+  tokens: float  # of the global batch
+  images: float  # of the global batch
+  batch_size: int  # global
+  stage: int
 
-  def state_shardings(i):
-    if i not in shardings:
-      shardings[i] = sharded_step.state_shardings(abstract_state(i), lambda s: s.params, boxed, mesh, rules,
-                                                trainable=masks[i], frozen_rules=frozen_rules)
-    return shardings[i]
 
-  def build_step(i, abstract_batch):
-    fn = step_lib.make_train_step(apply_fn=task.apply_fn, loss_fn=task.loss_fn, tx=txs[i], mask=masks[i],
-                                  schedule=schedule,
-                                  grad_accum_steps=int(config.optimizer.grad_accum_steps),
-                                  remat=str(config.train.remat))
-    # Donation saves a copy of the state on accelerators; on CPU it buys nothing and
-    # would race with an asynchronous checkpoint reading the previous state.
-    return sharded_step.shard_train_step(fn, abstract_state(i), abstract_batch, boxed, mesh, rules,
-                                       trainable=masks[i], frozen_rules=frozen_rules, donate=not on_cpu)
+@dataclasses.dataclass
+class _Run:
+  """What a run changes as it goes: the train state and step, and where it reads and writes them."""
+  ckpt: checkpoint_lib.Checkpointer
+  writer: metrics_lib.MetricWriter
+  data: Any  # the training-data iterator, with get_state()/set_state()
+  data_state: Any  # the iterator's position after the last batch a dispatched step used
+  step: int  # updates done: the index of the next one
+  state: Any  # state_lib.TrainState: parameters, optimizer state, step, rng
+  opt_stage: int  # the stage whose optimizer `state.opt_state` belongs to
+  summary: dict  # what `train` returns
+  last_done: float  # perf_counter() when the previous step's metrics came back (or the clock restarted)
+  stage: int | None = None  # the stage `step_fn` was built for
+  step_fn: Callable | None = None
+  pending: _Dispatched | None = None
+  total_skips: int = 0  # updates skipped for a non-finite loss in this run
+  consecutive_skips: int = 0
+  eval_jit: Callable | None = None  # jitted at the first evaluation
 
-  def template(step):
-    # The abstract state saved at `step`, with this run's shardings: a checkpoint written
-    # on any mesh (any number of processes) restores onto this one.
-    i = optimizer_lib.stage_index(stages, max(step - 1, 0))
-    return jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        abstract_state(i, step), state_shardings(i)[0])
 
+def _start(plan: _Plan, workdir: str) -> _Run:
+  """Opens the checkpointer, metric writer and data, and resumes from the newest checkpoint
+  in `workdir` or makes step 0's state."""
+  config = plan.config
   ckpt = checkpoint_lib.Checkpointer(workdir, config)
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(config.log.tensorboard), progress_total=num_steps,
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(config.log.tensorboard), progress_total=plan.num_steps,
                                     print_every=int(config.log.get("print_every", 50)))
-  data = task.train_data()
-  restored = ckpt.restore_latest(template)
+  data = plan.task.train_data()
+  restored = ckpt.restore_latest(plan.template)
   if restored is not None:
     step, state, data_state = restored
-    data.set_state(own_data_state(data_state, per_process))
-    opt_stage = optimizer_lib.stage_index(stages, max(step - 1, 0))
+    data.set_state(own_data_state(data_state, plan.per_process))
+    opt_stage = plan.stage_before(step)
     _say(f"resumed from step {step}")
   else:
-    step = 0
-    sshard, pshard = state_shardings(0)
-    # jit(init_params) alone, so that `jax.jit(task.init_params)(key)` reproduces these
-    # parameters bitwise (fusing init into a bigger program can move the last ulp); the
-    # parameters are created already split over the mesh.
-    params = jax.jit(task.init_params, out_shardings=pshard)(init_key)
-    state = jax.jit(lambda p: state_lib.create(p, txs[0], seed), out_shardings=sshard)(params)
-    opt_stage = 0
-  start_step = step
-  eval_jit = None
+    step, state, opt_stage = 0, _initial_state(plan), 0
+  summary = {"start_step": step, "step": step, "preempted": False, "last_loss": None, "skipped_steps": 0}
+  return _Run(ckpt=ckpt, writer=writer, data=data, data_state=data.get_state(), step=step, state=state,
+              opt_stage=opt_stage, summary=summary, last_done=time.perf_counter())
 
-  def eval_step(params, batch):
-    nonlocal eval_jit
-    if eval_jit is None:
-      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      eval_jit = jax.jit(step_lib.make_eval_step(task.apply_fn, task.loss_fn),
-                         in_shardings=(state_shardings(cur_stage)[1], sh.batch_shardings(batch, mesh, rules)),
-                         out_shardings=replicated)
-    with sh.activation_rules(mesh, rules):
-      return eval_jit(params, batch)
 
-  flops = {}
-  peak = flops_lib.peak_flops_per_device(float(config.log.peak_tflops))
-  n_dev = jax.device_count()
-  summary = {"start_step": start_step, "step": step, "preempted": False, "last_loss": None, "skipped_steps": 0}
-  pending = None  # (step, metrics on device, batch stats) of the step dispatched last
-  last_done = time.perf_counter()
-  cur_stage, step_fn = None, None
-  skips = {"total": 0, "consecutive": 0}
+def _initial_state(plan: _Plan):
+  """Step 0's state: fresh parameters from `config.seed` and the first stage's optimizer state."""
+  sshard, pshard = plan.state_shardings(0)
+  # jit(init_params) alone, so that `jax.jit(task.init_params)(key)` reproduces these
+  # parameters bitwise (fusing init into a bigger program can move the last ulp); the
+  # parameters are created already split over the mesh.
+  params = jax.jit(plan.task.init_params, out_shardings=pshard)(plan.init_key)
+  if pretrained.source(plan.config):  # config.init.from_workdir: another run's parameters in place
+    params = jax.device_put(pretrained.adopt(plan.config, plan.task, params), pshard)
+  return jax.jit(lambda p: state_lib.create(p, plan.txs[0], plan.seed), out_shardings=sshard)(params)
 
-  def flush(pending):
-    nonlocal last_done
-    s, m, ntok, nimg, stage_i = pending
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    now = time.perf_counter()
-    dt = now - last_done
-    last_done = now
-    m["step_time"] = dt
-    m["tokens_per_s"] = ntok / dt
-    m["images_per_s"] = nimg / dt
-    if task.flops_per_example is not None and peak:
-      if stage_i not in flops:
-        flops[stage_i] = task.flops_per_example(stages[stage_i].trainable)
-      m["mfu"] = flops[stage_i] * bsz / dt / (peak * n_dev)
-    finite = m["finite"] >= 1.0
-    skips["consecutive"] = 0 if finite else skips["consecutive"] + 1
-    skips["total"] += 0 if finite else 1
-    m["skipped_steps"] = float(skips["total"])  # updates skipped so far in this run
-    writer.write(s, "train", m)
-    writer.progress(s, m)
-    summary["last_loss"] = m["loss"]
-    summary["skipped_steps"] = skips["total"]
-    if finite:
-      return
-    done = ckpt.steps()
+
+def _enter_stage(plan: _Plan, run: _Run, stage: int, abstract_batch: dict):
+  """Builds the jitted step of `stage`. At a stage boundary the trainable set changes, so
+  the newly trainable leaves get a fresh optimizer state (a run resumed inside `stage`
+  already has its own)."""
+  run.stage, run.step_fn = stage, plan.build_step(stage, abstract_batch)
+  if run.opt_stage != stage:
+    tx = plan.txs[stage]
+    run.state = jax.jit(lambda s: s.replace(opt_state=tx.init(s.params)),
+                        out_shardings=plan.state_shardings(stage)[0])(run.state)
+    run.opt_stage = stage
+
+
+def _train_step(plan: _Plan, run: _Run, batch: dict):
+  """Queues one update on the device, then records the previous one: the host fetches
+  that step's metrics while this step runs."""
+  stage = optimizer_lib.stage_index(plan.stages, run.step)
+  if stage != run.stage:
+    _enter_stage(plan, run, stage, plan.put.global_shape(batch))
+  gbatch = plan.put(batch)
+  tokens = float(np.prod(gbatch["input_ids"].shape))
+  # Images of the global batch: this process's count times the processes (exact when
+  # every process holds the whole batch).
+  images = float(np.sum(batch.get("image_mask", 0))) * (jax.process_count() if plan.per_process else 1)
+  run.state, metrics = run.step_fn(run.state, gbatch)
+  _record(plan, run)
+  run.pending = _Dispatched(step=run.step, metrics=metrics, tokens=tokens, images=images,
+                            batch_size=int(gbatch["input_ids"].shape[0]), stage=stage)
+  run.step += 1
+  run.summary["step"] = run.step
+
+
+def _record(plan: _Plan, run: _Run):
+  """Fetches, writes and checks the metrics of the step dispatched last (if not done yet)."""
+  done, run.pending = run.pending, None
+  if done is None:
+    return
+  m = _step_metrics(plan, run, done)
+  finite = m["finite"] >= 1.0
+  run.consecutive_skips = 0 if finite else run.consecutive_skips + 1
+  run.total_skips += 0 if finite else 1
+  m["skipped_steps"] = float(run.total_skips)  # updates skipped so far in this run
+  run.writer.write(done.step, "train", m)
+  run.writer.progress(done.step, m)
+  run.summary["last_loss"] = m["loss"]
+  run.summary["skipped_steps"] = run.total_skips
+  if not finite:
+    _apply_nan_policy(plan, run, done.step, m)
+
+
+def _step_metrics(plan: _Plan, run: _Run, done: _Dispatched) -> dict[str, float]:
+  """The step's metrics, with its throughput over the time since the previous step's came back."""
+  m = {k: float(v) for k, v in jax.device_get(done.metrics).items()}
+  now = time.perf_counter()
+  dt = now - run.last_done
+  run.last_done = now
+  m["step_time"] = dt
+  m["tokens_per_s"] = done.tokens / dt
+  m["images_per_s"] = done.images / dt
+  flops = plan.flops_per_example(done.stage)
+  if flops is not None:
+    m["mfu"] = flops * done.batch_size / dt / (plan.peak_flops * plan.num_devices)
+  return m
+
+
+def _apply_nan_policy(plan: _Plan, run: _Run, step: int, m: dict[str, float]):
+  """Step `step` had a non-finite loss or gradient norm, so its update was not applied:
+  raises `TrainingDiverged` under `nan_policy='stop'` or after `max_skips` such steps in a
+  row; otherwise warns and the run goes on."""
+  skips = run.consecutive_skips
+  if plan.nan_policy == "stop" or skips >= plan.max_skips:
+    done = run.ckpt.steps()
     where = f"checkpoint step {done[-1]}" if done else "no checkpoint (restart from scratch)"
-    if policy == "stop" or skips["consecutive"] >= max_skips:
-      why = ("" if policy == "stop" else
-             f"{skips['consecutive']} updates in a row were skipped (train.max_consecutive_skips={max_skips}); ")
-      raise TrainingDiverged(
-          f"{why}loss={m['loss']} grad_norm={m['grad_norm']} at step {s}; the update was not applied. "
-          f"Resume from {where} in {ckpt.directory} by rerunning the same command "
-          "(lower --config.optimizer.lr" + (" or set --config.train.nan_policy=skip)" if policy == "stop" else ")"))
-    log.warning("step %d: loss=%s grad_norm=%s is not finite; update skipped (%d so far, %d in a row)",
-                s, m["loss"], m["grad_norm"], skips["total"], skips["consecutive"])
+    why = ("" if plan.nan_policy == "stop" else
+           f"{skips} updates in a row were skipped (train.max_consecutive_skips={plan.max_skips}); ")
+    raise TrainingDiverged(
+        f"{why}loss={m['loss']} grad_norm={m['grad_norm']} at step {step}; the update was not applied. "
+        f"Resume from {where} in {run.ckpt.directory} by rerunning the same command "
+        "(lower --config.optimizer.lr" + (" or set --config.train.nan_policy=skip)" if plan.nan_policy == "stop"
+                                          else ")"))
+  log.warning("step %d: loss=%s grad_norm=%s is not finite; update skipped (%d so far, %d in a row)",
+              step, m["loss"], m["grad_norm"], run.total_skips, skips)
 
-  def stop_for_sigterm():
-    log.warning("SIGTERM: saving step %d and exiting", step)
-    ckpt.save(step, state, gather_data_states(data_state), config, force=True)
-    summary["preempted"] = True
 
-  bsz = 0
-  data_state = data.get_state()  # the position after the last batch a completed step used
+def _checkpoint_if_due(plan: _Plan, run: _Run):
+  """Every `checkpoint.every_steps`: the state after the step just dispatched (saved asynchronously if configured)."""
+  if run.ckpt.due(run.step):
+    run.ckpt.save(run.step, run.state, gather_data_states(run.data_state), plan.config)
+
+
+def _evaluate_if_due(plan: _Plan, run: _Run):
+  """Every `eval.every_steps`: the validation loss, written, and kept as the best checkpoint
+  if it is the lowest yet. The time it takes is no step's: the step clock restarts after."""
+  every = int(plan.config.eval.every_steps)
+  if plan.task.val_data is None or every <= 0 or run.step % every:
+    return
+  _record(plan, run)
+  val = evaluate_loss(lambda params, batch: _eval_step(plan, run, params, batch), run.state.params,
+                      plan.task.val_data(), plan.config, int(plan.config.eval.num_batches), plan.put)
+  run.writer.write(run.step, "eval", {"val_loss": val})
+  run.summary["val_loss"] = val
+  run.ckpt.save_best(run.step, run.state, gather_data_states(run.data_state), plan.config, val)
+  run.last_done = time.perf_counter()
+
+
+def _eval_step(plan: _Plan, run: _Run, params, batch: dict):
+  """(loss sum, token count) of one validation batch; jitted at the first call, for the
+  parameter shardings of the stage then current."""
+  if run.eval_jit is None:
+    replicated = jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec())
+    run.eval_jit = jax.jit(step_lib.make_eval_step(plan.task.apply_fn, plan.task.loss_fn),
+                           in_shardings=(plan.state_shardings(run.stage)[1],
+                                         sh.batch_shardings(batch, plan.mesh, plan.rules)),
+                           out_shardings=replicated)
+  with sh.activation_rules(plan.mesh, plan.rules):
+    return run.eval_jit(params, batch)
+
+
+def _stop_for_sigterm(plan: _Plan, run: _Run):
+  """The preemption exit: records the last step dispatched, then saves the state after it
+  with the data position after its batch, so a rerun resumes exactly there."""
+  _record(plan, run)
+  log.warning("SIGTERM: saving step %d and exiting", run.step)
+  run.ckpt.save(run.step, run.state, gather_data_states(run.data_state), plan.config, force=True)
+  run.summary["preempted"] = True
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
+  """`train` once the work directory is held: the order of the parts above, step by step."""
+  plan = _plan(config, task)
+  run = _start(plan, workdir)
   try:
     with _Preemption() as preempt:
-      while step < num_steps:
-        si = optimizer_lib.stage_index(stages, step)
+      while run.step < plan.num_steps:
         try:
           with preempt.interruptible():
-            raw = next(data)
+            raw = next(run.data)
         except _Interrupted:
-          if pending is not None:
-            flush(pending)
-            pending = None
-          stop_for_sigterm()
+          _stop_for_sigterm(plan, run)
           break
         batch = prepare_batch(config, raw)
-        data_state = data.get_state()
-        if si != cur_stage:
-          cur_stage, step_fn = si, build_step(si, put.global_shape(batch))
-          if opt_stage != si:
-            # A new stage: a new set of trainable leaves, a fresh optimizer state for them.
-            state = jax.jit(lambda s, tx=txs[si]: s.replace(opt_state=tx.init(s.params)),
-                            out_shardings=state_shardings(si)[0])(state)
-            opt_stage = si
-        gbatch = put(batch)
-        bsz = int(gbatch["input_ids"].shape[0])
-        ntok = float(np.prod(gbatch["input_ids"].shape))
-        # Images of the global batch: this process's count times the processes (exact
-        # when every process holds the whole batch).
-        nimg = float(np.sum(batch.get("image_mask", 0))) * (jax.process_count() if per_process else 1)
-        state, metrics = step_fn(state, gbatch)
-        if pending is not None:
-          flush(pending)
-        pending = (step, metrics, ntok, nimg, si)
-        step += 1
-        summary["step"] = step
-        if ckpt.due(step):
-          ckpt.save(step, state, gather_data_states(data_state), config)
-        every = int(config.eval.every_steps)
-        if task.val_data is not None and every > 0 and step % every == 0:
-          flush(pending)
-          pending = None
-          val = evaluate_loss(eval_step, state.params, task.val_data(), config, int(config.eval.num_batches), put)
-          writer.write(step, "eval", {"val_loss": val})
-          summary["val_loss"] = val
-          ckpt.save_best(step, state, gather_data_states(data_state), config, val)
-          last_done = time.perf_counter()
-        if preempt.check(step):
-          flush(pending)
-          pending = None
-          stop_for_sigterm()
+        run.data_state = run.data.get_state()
+        _train_step(plan, run, batch)
+        _checkpoint_if_due(plan, run)
+        _evaluate_if_due(plan, run)
+        if preempt.check(run.step):
+          _stop_for_sigterm(plan, run)
           break
-      if pending is not None:
-        flush(pending)
-        pending = None
-      if not summary["preempted"] and step == num_steps:
-        ckpt.save(step, state, gather_data_states(data.get_state()), config, force=True)
+      _record(plan, run)
+      if not run.summary["preempted"] and run.step == plan.num_steps:
+        run.ckpt.save(run.step, run.state, gather_data_states(run.data.get_state()), config, force=True)
   finally:
-    ckpt.close()
-    writer.close()
-  summary["state"] = state
-  return summary
+    run.ckpt.close()
+    run.writer.close()
+  run.summary["state"] = run.state
+  return run.summary
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, task: Task):
