@@ -3,20 +3,21 @@
 The public face, so that a user writes one import:
 
   import mmjax
-  config = mmjax.zoo.get("openflamingo-9b")          # named presets
+  config = mmjax.zoo.get("openflamingo-9b")          # named presets of every family
+  family = mmjax.families.get("flamingo")             # a model family: its task, presets, generation
   it = mmjax.data.make_pipeline(split="train", ...)   # the embedded dataset, your own data
   config = mmjax.load_config("flamingo/tiny", ["--config.train.num_steps=100"])
 
-Subpackages (`zoo`, `data`, `models`, `infer`, `convert`, `sharding`, `train`) load on first
+Subpackages (`zoo`, `families`, `data`, `models`, `infer`, `convert`, `sharding`, `train`) load on first
 use, so `import mmjax` stays cheap (it imports no JAX) and the `mmjax` command starts fast.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "data", "infer", "load_config", "models", "sharding", "train", "zoo"]
+__all__ = ["convert", "data", "families", "infer", "load_config", "models", "sharding", "train", "zoo"]
 
 
-_SUBPACKAGES = ("convert", "data", "infer", "models", "sharding", "train", "zoo")
+_SUBPACKAGES = ("convert", "data", "families", "infer", "models", "sharding", "train", "zoo")
 
 
 def __getattr__(name: str):

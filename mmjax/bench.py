@@ -317,7 +317,7 @@ def attention_main(argv: list[str]) -> int:
   parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
   parser.add_argument("--cross", type=_parse_cross, nargs="*",
                       default=[(2048, 5, 64), (8192, 16, 64)],
-                      help="Flamingo cross-attention shapes TEXTxIMAGESxLATENTS")
+                      help="cross-attention shapes (text to image latents) TEXTxIMAGESxLATENTS")
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="+",
                       default=[True, False], help="true and/or false")

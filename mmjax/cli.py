@@ -67,7 +67,7 @@ COMMANDS = {
     "eval": (_eval, "validation loss and question-answering accuracy of a work directory"),
     "generate": (_generate, "answer a prompt with images from a trained work directory"),
     "plot": (_plot, "draw loss curves and gate values of a work directory"),
-    "demo": (_demo, "build the data, train flamingo/tiny, and show what it learned"),
+    "demo": (_demo, "build the data, train the demo model, and show what it learned"),
     "data": (_data, "build or show the embedded dataset; import your own data"),
     "bench": (_bench, "benchmarks (attention kernels, train step)"),
     "compile": (_compile, "compile the train step ahead of time for a TPU topology"),

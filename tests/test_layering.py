@@ -19,8 +19,9 @@ LAYERS = (
     ("layers",),
     ("models",),
     ("data",),
-    ("convert", "infer", "zoo"),
+    ("convert", "infer"),
     ("families",),
+    ("zoo",),
     ("train",),
     ("scale",),
     ("bench", "configs"),
@@ -88,3 +89,61 @@ def test_mmjax_imports_only_downwards():
 def test_an_upward_or_sideways_import_is_reported(source, target):
   path = os.path.join(ROOT, source, "x.py")
   assert len(layering_violations([(path, 1, source, target)])) == 1
+
+
+def _code_mentions(path: str, word: str):
+  """(line, text) of every name or string in the file's code (not its docstrings or comments)
+  that contains `word`, case-insensitively."""
+  import io  # pylint: disable=g-import-not-at-top
+  import tokenize  # pylint: disable=g-import-not-at-top
+  source = open(path).read()
+  docstrings = set()
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+      first = node.body[0]
+      if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        docstrings.add(first.lineno)
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type in (tokenize.NAME, tokenize.STRING) and word in tok.string.lower() and tok.start[0] not in docstrings:
+      yield tok.start[0], tok.string
+
+
+def test_outside_its_family_package_no_code_names_flamingo():
+  """Issue 14: a family is an addition. Outside `families/flamingo/` the word appears only in
+  docstrings and comments (which name the paper and the design), and in the registry's
+  lines (`families/__init__.py`)."""
+  found = []
+  for dirpath, _, files in os.walk(ROOT):
+    for f in files:
+      path = os.path.join(dirpath, f)
+      rel = os.path.relpath(path, ROOT)
+      if not f.endswith(".py") or rel.startswith(os.path.join("families", "flamingo")) or \
+          rel == os.path.join("families", "__init__.py"):
+        continue
+      found += [f"{rel}:{line}: {text}" for line, text in _code_mentions(path, "flamingo")]
+  assert not found, "\n".join(found)
+
+
+def test_the_trainer_the_launchers_and_inference_import_no_family_package():
+  """They reach families through the registry (`mmjax.families`) and its interface (`base`,
+  `common`) only, so adding a family edits none of them."""
+  bad = []
+  for sub in ("train", "scale", "infer"):
+    for dirpath, _, files in os.walk(os.path.join(ROOT, sub)):
+      for f in (f for f in files if f.endswith(".py")):
+        path = os.path.join(dirpath, f)
+        for node in ast.walk(ast.parse(open(path).read())):
+          names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                   [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) and node.module
+                   else [])
+          for name in names:
+            parts = name.split(".")
+            if parts[:2] == ["mmjax", "families"] and len(parts) > 2 and parts[2] not in ("base", "common") \
+                and parts[2][:1].islower() and parts[2] in _family_packages():
+              bad.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}: {name}")
+  assert not bad, bad
+
+
+def _family_packages() -> set[str]:
+  root = os.path.join(ROOT, "families")
+  return {d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d != "__pycache__"}

@@ -32,7 +32,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # The model: every field of mmjax.models.flamingo.FlamingoConfig, from the zoo preset
+  # The model: every field of mmjax.families.flamingo.model.FlamingoConfig, from the zoo preset
   # (vocab_size, media_token_id and end_of_chunk_token_id come from the data's tokenizer).
   c.model = dataclasses.asdict(zoo.get("flamingo-tiny"))
   # The model family (mmjax.families): what builds the model, its loss and its data.
@@ -51,6 +51,9 @@ def get_config(arg=None):
   # cross-attention's learning, so this recipe starts with the gates open.
   c.init = ml_collections.ConfigDict()
   c.init.gate_value = 1.0
+  # A work directory whose newest checkpoint initialises part of the model (an `lm` run's
+  # LM becomes the decoder: configs/flamingo/staged.py); empty: everything from scratch.
+  c.init.from_workdir = ""
 
   # Mixed precision: parameters stay float32; compute_dtype is the models' `dtype`
   # (bfloat16 on TPU/GPU); softmax and loss are float32 always.

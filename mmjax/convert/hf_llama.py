@@ -87,7 +87,7 @@ def llama_from_state_dict(
     used: if given, receives every key consumed.
 
   Returns:
-    The tree of ``nn.unbox(Decoder(config).init(...)['params'])`` without the ``xattn_{i}``
+    The tree of ``nn.unbox(Decoder(config).init(...)['params'])`` without any inserted
     entries (those come from the cross-attention converter).
 
   Raises:

@@ -21,6 +21,8 @@ REGISTRY: dict[str, Family] = {
 
 # What `config.model.family` is when a config does not say (every config before families).
 DEFAULT = "flamingo"
+# The shipped config `mmjax demo` trains (with and without images) by default.
+DEMO_CONFIG = "flamingo/tiny"
 
 
 def names() -> list[str]:

@@ -57,6 +57,24 @@ class Task:
   # The component labels `freeze.stages` may name (the family's, whether or not this
   # config's model has parameters of each); None: the labels `param_labels` gives.
   components: tuple[str, ...] | None = None
+  # The tokenizer the task trains with (the evaluator and `mmjax generate` encode with it).
+  tokenizer: Any = None
+  # The data directory the task reads (the evaluator reads its validation records).
+  data_dir: str | None = None
+  # What cached generation needs of this model (`mmjax.infer.Decoding`), or None (a model
+  # that does not generate text).
+  decoding: Any = None
+  # Whether the model reads images (then `decoding` takes {"images", "image_mask"} inputs,
+  # and the evaluator asks it the dataset's questions about images).
+  takes_images: bool = False
+  # params -> {name: scalar} logged with every step's metrics (Flamingo: the tanh of each
+  # cross-attention gate, `gate/...`, which `mmjax plot` draws); None: nothing.
+  param_metrics: Callable[[Any], dict[str, jax.Array]] | None = None
+  # (fresh params, the other run's family name, its params) -> params with the other
+  # run's parameters in place (`config.init.from_workdir`: Flamingo takes an `lm` run's
+  # as its decoder); None: the family takes none. Raises ValueError naming what does
+  # not fit.
+  adopt_params: Callable[[Any, str, Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +96,8 @@ class AbstractModel:
   # FLOPs per chip that XLA's cost analysis misses (a scanned decoder's loop body is
   # counted once); None: nothing is missed.
   uncounted_flops: Callable[[frozenset, int, int, int, int], float] | None = None
+  # As in Task.
+  param_metrics: Callable[[Any], dict[str, jax.Array]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +117,22 @@ class Family:
   task: Callable[[ml_collections.ConfigDict, str | None], Task]
   # (experiment config) -> the model without data or tokenizer (`mmjax compile`).
   abstract: Callable[[ml_collections.ConfigDict], AbstractModel]
+  # (preset config, **overrides) -> config (`mmjax.zoo.get(name, **overrides)`); None:
+  # `dataclasses.replace`.
+  override: Callable[..., Any] | None = None
+  # (a `config.model` dict as an older mmjax recorded it) -> today's layout; None: layouts
+  # never changed. Applied to a work directory's config.json when it is read.
+  upgrade_model: Callable[[dict], dict] | None = None
+  # (model config) -> `mmjax.infer.Decoding` for cached generation; None: none.
+  decoding: Callable[[Any], Any] | None = None
+  # {source name: (state_dict, model config) -> params}: imports of published weights.
+  importers: Mapping[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
+
+  def check_preset(self, name: str) -> None:
+    """Raises ValueError if `name` is not one of this family's presets."""
+    presets = list(self.presets())
+    if name not in presets:
+      raise ValueError(f"preset {name!r} is not one of the presets of family {self.name!r}; expected one of {presets}")
 
   def check_components(self, names: Iterable[str], where: str) -> None:
     """Raises ValueError if `names` holds a label this family's parameters do not have."""

@@ -1,5 +1,8 @@
 """Interleaved image-text prompts (few-shot in-context prompting, as Flamingo is used).
 
+``config`` below is any model config with ``media_token_id`` (the ``<image>`` id) and
+``end_of_chunk_token_id`` fields.
+
 A prompt is a sequence of segments: an image (UInt8/Float[H, W, 3]) becomes one ``<image>``
 token, text (a str, encoded by the given function) or a list of ids is copied. Few-shot
 prompts put each demonstration as ``<image>text<|endofchunk|>`` before the query.
@@ -14,14 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from mmjax.models.flamingo import FlamingoConfig
-
 Segment = Any  # np.ndarray image [H, W, 3] | str | Sequence[int]
 
 
 def interleave(
     segments: Sequence[Segment],
-    config: FlamingoConfig,
+    config: Any,
     encode: Callable[[str], list[int]] | None = None,
     *,
     bos_id: int | None = None,
@@ -44,7 +45,7 @@ def interleave(
             " a str or a 1-D list of token ids")
       ids += seg.tolist()
   if not images:
-    raise ValueError("the prompt has no image; Flamingo needs at least one")
+    raise ValueError("the prompt has no image; expected at least one (use a text-only prompt with a text model)")
   return np.stack(images), np.asarray(ids, np.int32)
 
 
@@ -52,7 +53,7 @@ def few_shot(
     demonstrations: Sequence[tuple[np.ndarray, str]],
     query_image: np.ndarray,
     query_text: str,
-    config: FlamingoConfig,
+    config: Any,
     encode: Callable[[str], list[int]],
     *,
     bos_id: int | None = None,

@@ -1,53 +1,54 @@
-"""A LLaMA-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) that can carry
-Flamingo's gated cross-attention before every n-th layer.
+"""A LLaMA-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) that any model
+family can drive: over token ids or over embeddings it made itself, with modules of its own
+inserted between the layers.
+
+  x = decoder.embed(ids)                   # or a family's own embeddings [B, T, D]
+  hidden, cache = decoder.forward(x, positions=..., cache=..., side=..., insert_state=...)
+  logits = decoder.logits(hidden)          # float32 [B, T, V]
+  logits, cache = decoder(ids)             # all three at once (or embeddings=x)
+
+LLaVA splices projected image tokens into ``x`` at its ``<image>`` placeholders, BLIP-2
+prefixes its query outputs; Flamingo inserts its gated cross-attention before every n-th
+layer (an :class:`~mmjax.models.scan_layout.Insert`, built by the Flamingo family: the decoder
+itself knows nothing of images). Where later decoder variants go: a modality-routed MLP or
+attention (CogVLM's visual expert, mPLUG-Owl2's modality-adaptive layers) replaces
+``DecoderLayer``'s ``mlp`` / ``attn`` with a module reading a per-token modality id passed in
+``side``; an MoE MLP (MoE-LLaVA) replaces ``mlp`` (a new logical axis ``experts`` in
+``mmjax.sharding``); an adapter (LLaMA-Adapter) is an insert, or a prefix in ``attn``.
 
 Dimension letters: B batch, T length, S cache length, D width, H heads, G key/value
-heads, K head dim, V vocabulary, N images, L latents, Dm media width.
+heads, K head dim, V vocabulary.
 
-Parameters (names chosen so that ``flamingo.param_labels`` and the converters are rename
-tables): ``embed`` {``embedding`` [V, D]}; ``layers_{i}`` {``attn_norm``, ``attn``
-{``query``, ``key``, ``value``, ``out``}, ``mlp_norm``, ``mlp`` {``gate_proj``,
-``up_proj``, ``down_proj``}}; ``xattn_{i}`` (a ``GatedXAttnDense`` run just before LM layer
-i, for i = n-1, 2n-1, ... exactly as open_flamingo's ``FlamingoLMMixin.init_flamingo``
-places them: ``(i + 1) % cross_attn_every_n_layers == 0``); ``norm``; ``lm_head``
-{``kernel`` [D, V]} unless the embeddings are tied.
+Parameters (names chosen so that param labels and the converters are rename tables):
+``embed`` {``embedding`` [V, D]}; ``layers_{i}`` {``attn_norm``, ``attn`` {``query``,
+``key``, ``value``, ``out``}, ``mlp_norm``, ``mlp`` {``gate_proj``, ``up_proj``,
+``down_proj``}}; ``{insert.name}_{i}`` for an insert before LM layer i; ``norm``;
+``lm_head`` {``kernel`` [D, V]} unless the embeddings are tied.
 
-Scanned layout (``scan_layers=True``). The layers run under ``flax.linen.scan`` so that
-the compiled program holds one block body instead of ``depth`` copies. With n =
-``cross_attn_every_n_layers`` (n = 0 counts as blocks of one plain layer) the decoder is
-num_blocks = depth // n *blocks* of n LM layers, the cross-attention before each block's last
-layer (LM layer g*n + n-1: the same placement as above), then depth % n remainder layers
-without cross-attention, unscanned. ``remat`` applies per LM layer inside the scan. Parameters:
-
-- ``blocks`` {``layers_{j}`` (j < n; the LM layer g*n + j of block g), ``xattn`` (the
-  ``xattn_{g*n + n-1}`` of block g, absent when n = 0)}: every leaf gets a leading axis of
-  size num_blocks, logical name ``layers`` (never sharded);
-- ``layers_{i}`` for the remainder i >= num_blocks*n, unstacked, as in the unrolled layout;
-- ``embed``, ``norm``, ``lm_head`` as above.
-
-:func:`stack_layers` / :func:`unstack_layers` convert between the two layouts exactly.
-The KV cache (:func:`init_decoder_cache`) and ``compute_media_kv`` follow the same layout:
-``{"blocks": {"layers_{j}": {"key", "value": [num_blocks, B, S, G, K]}}, "layers_{i}": ...}``
-and ``{"blocks": {"key", "value": [num_blocks, B, N*L, H, K], "key_image_ids": [num_blocks,
-B, N*L]}}``.
+Scanned layout (``scan_layers=True``): the layers run under ``flax.linen.scan`` so that the
+compiled program holds one block body instead of ``depth`` copies; the parameters of the
+blocks are stacked (``mmjax.models.scan_layout``, which also converts the two layouts
+exactly). ``remat`` applies per LM layer inside the scan. The KV cache
+(:func:`init_decoder_cache`) and ``prepare_inserts`` follow the same layout:
+``{"blocks": {"layers_{j}": {"key", "value": [num_blocks, B, S, G, K]}}, "layers_{i}": ...}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mmjax.layers.attention import Attention, init_cache
 from mmjax.layers.embed import Embed
 from mmjax.layers.linear import dense
 from mmjax.layers.mlp import SwiGLU
 from mmjax.layers.norms import RMSNorm
+from mmjax.models.scan_layout import Insert, ScanPlan, insert_layer_indices, scan_plan, stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,80 +68,24 @@ class DecoderConfig:
   tie_embeddings: bool = False
   # Longest sequence (prompt + generation) the model accepts.
   max_length: int = 2048
-  # Insert a GatedXAttnDense before every n-th layer (layers n-1, 2n-1, ... as in
-  # open_flamingo); 0 for a plain LM.
-  cross_attn_every_n_layers: int = 0
-  # Shape of each GatedXAttnDense (width is taken from `width`).
-  xattn_num_heads: int = 8
-  xattn_head_dim: int = 64
-  xattn_ff_mult: int = 4
-  only_attend_immediate_media: bool = True
-  # Width of the media latents fed to the cross-attention.
-  media_width: int = 1024
   dtype: str = "float32"
   attention_backend: str | None = None
   # Rematerialise each LM layer in the backward pass (saves activation memory when
   # training; no effect on the forward values).
   remat: bool = False
-  # Run the layers under flax.linen.scan (blocks of cross_attn_every_n_layers LM layers,
-  # the cross-attention before each block's last layer): the compiled program holds one
-  # block body instead of depth copies, so big models compile in minutes. Changes the
-  # parameter layout (see the module docstring; stack_layers/unstack_layers convert).
+  # Run the layers under flax.linen.scan (blocks of LM layers, an insert before each
+  # block's last layer): the compiled program holds one block body instead of depth
+  # copies, so big models compile in minutes. Changes the parameter layout
+  # (mmjax.models.scan_layout: stack_layers/unstack_layers convert).
   scan_layers: bool = False
 
 
-def xattn_layer_indices(config: DecoderConfig) -> tuple[int, ...]:
-  """The LM layers preceded by a GatedXAttnDense: i with (i + 1) % n == 0 (open_flamingo)."""
-  n = config.cross_attn_every_n_layers
-  if n < 0:
-    raise ValueError(f"cross_attn_every_n_layers={n}; expected >= 0 (0: no cross-attention)")
-  if n == 0:
-    return ()
-  return tuple(i for i in range(config.depth) if (i + 1) % n == 0)
-
-
-def xattn_config(config: DecoderConfig):
-  """The GatedXAttnConfig of the decoder's cross-attention layers."""
-  from mmjax.models.gated_xattn import GatedXAttnConfig  # pylint: disable=g-import-not-at-top
-  return GatedXAttnConfig(
-      width=config.width,
-      media_width=config.media_width,
-      num_heads=config.xattn_num_heads,
-      head_dim=config.xattn_head_dim,
-      ff_mult=config.xattn_ff_mult,
-      only_attend_immediate_media=config.only_attend_immediate_media,
-      dtype=config.dtype,
-      attention_backend=config.attention_backend,
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class ScanPlan:
-  """How ``scan_layers`` splits the decoder: ``num_blocks`` blocks of ``block_size`` LM
-  layers (the cross-attention before each block's last layer when ``with_xattn``), then
-  the unscanned ``remainder`` layers."""
-  block_size: int
-  num_blocks: int
-  with_xattn: bool
-  remainder: tuple[int, ...]
-
-
-def scan_plan(config: DecoderConfig) -> ScanPlan:
-  """The block structure of the scanned layout (see the module docstring)."""
-  n = config.cross_attn_every_n_layers
-  xattn_layer_indices(config)  # validates n
-  size = n if n > 0 else 1
-  blocks = config.depth // size
-  return ScanPlan(block_size=size, num_blocks=blocks, with_xattn=n > 0,
-                  remainder=tuple(range(blocks * size, config.depth)))
-
-
-def init_decoder_cache(config: DecoderConfig, batch: int, length: int) -> dict:
+def init_decoder_cache(config: DecoderConfig, batch: int, length: int, insert: Insert | None = None) -> dict:
   """An empty self-attention cache: {"layers_{i}": {"key", "value": [B, S, G, K]}}.
 
-  With ``scan_layers`` the scanned blocks' entries are stacked:
-  {"blocks": {"layers_{j}": {"key", "value": [num_blocks, B, S, G, K]}}, "layers_{i}": ...}
-  for the remainder layers i.
+  With ``scan_layers`` the scanned blocks' entries are stacked (the blocks depend on the
+  decoder's ``insert``): {"blocks": {"layers_{j}": {"key", "value": [num_blocks, B, S, G,
+  K]}}, "layers_{i}": ...} for the remainder layers i.
   """
   if length > config.max_length:
     raise ValueError(f"cache length {length} exceeds max_length={config.max_length}")
@@ -148,7 +93,7 @@ def init_decoder_cache(config: DecoderConfig, batch: int, length: int) -> dict:
                            jnp.dtype(config.dtype))
   if not config.scan_layers:
     return {f"layers_{i}": one() for i in range(config.depth)}
-  plan = scan_plan(config)
+  plan = scan_plan(config.depth, insert)
   cache = {f"layers_{i}": one() for i in plan.remainder}
   if plan.num_blocks:
     stacked = lambda: jax.tree.map(
@@ -157,82 +102,12 @@ def init_decoder_cache(config: DecoderConfig, batch: int, length: int) -> dict:
   return cache
 
 
-def _cache_layout(config: DecoderConfig) -> set[str]:
+def _cache_layout(config: DecoderConfig, insert: Insert | None) -> set[str]:
   """The top-level keys a cache for ``config`` has."""
   if not config.scan_layers:
     return {f"layers_{i}" for i in range(config.depth)}
-  plan = scan_plan(config)
+  plan = scan_plan(config.depth, insert)
   return {f"layers_{i}" for i in plan.remainder} | ({"blocks"} if plan.num_blocks else set())
-
-
-def _stack(trees: Sequence[Any]) -> Any:
-  """Leaf-wise stack on a new leading axis (numpy in, numpy out; else jax)."""
-  def one(*xs):
-    if all(isinstance(x, np.ndarray) for x in xs):
-      return np.stack(xs)
-    return jnp.stack(xs)
-  return jax.tree.map(one, *trees)
-
-
-def _decoder_subtree(params: Any, rebuild):
-  """Applies ``rebuild`` to the decoder tree inside ``params`` ({"params": ...} and/or
-  {"decoder": ...} levels allowed, as in a Flamingo param tree)."""
-  if isinstance(params, Mapping) and "params" in params:
-    return {**params, "params": _decoder_subtree(params["params"], rebuild)}
-  if isinstance(params, Mapping) and "decoder" in params:
-    return {**params, "decoder": rebuild(params["decoder"])}
-  return rebuild(params)
-
-
-def stack_layers(params: Any, config: Any) -> Any:
-  """An unrolled decoder param tree -> the ``scan_layers`` layout (module docstring).
-
-  Args:
-    params: the decoder's params (``layers_{i}``, ``xattn_{i}``, ...), or a tree holding
-      them under "params" and/or "decoder" (a Flamingo tree); plain arrays (numpy stays
-      numpy).
-    config: the DecoderConfig (or a FlamingoConfig: its ``decoder``).
-  """
-  config = getattr(config, "decoder", config)
-  plan = scan_plan(config)
-  def rebuild(tree):
-    expect = {f"layers_{i}" for i in range(config.depth)} | {
-        f"xattn_{i}" for i in xattn_layer_indices(config)}
-    missing = sorted(expect - set(tree))
-    if missing or "blocks" in tree:
-      raise ValueError(f"stack_layers expects an unrolled decoder tree; missing {missing}"
-                       f"{' and it already has blocks' if 'blocks' in tree else ''}")
-    out = {k: v for k, v in tree.items() if k not in expect}
-    size = plan.block_size
-    if plan.num_blocks:
-      blocks = {f"layers_{j}": _stack([tree[f"layers_{g * size + j}"] for g in range(plan.num_blocks)])
-                for j in range(size)}
-      if plan.with_xattn:
-        blocks["xattn"] = _stack([tree[f"xattn_{g * size + size - 1}"] for g in range(plan.num_blocks)])
-      out["blocks"] = blocks
-    out.update({f"layers_{i}": tree[f"layers_{i}"] for i in plan.remainder})
-    return out
-  return _decoder_subtree(params, rebuild)
-
-
-def unstack_layers(params: Any, config: Any) -> Any:
-  """The ``scan_layers`` layout -> the unrolled decoder param tree (inverse of
-  :func:`stack_layers`, exact)."""
-  config = getattr(config, "decoder", config)
-  plan = scan_plan(config)
-  def rebuild(tree):
-    if plan.num_blocks and "blocks" not in tree:
-      raise ValueError(f"unstack_layers expects a scanned decoder tree with 'blocks'; got keys {sorted(tree)}")
-    out = {k: v for k, v in tree.items() if k != "blocks"}
-    size = plan.block_size
-    for g in range(plan.num_blocks):
-      take = lambda t: jax.tree.map(lambda x: x[g], t)
-      for j in range(size):
-        out[f"layers_{g * size + j}"] = take(tree["blocks"][f"layers_{j}"])
-      if plan.with_xattn:
-        out[f"xattn_{g * size + size - 1}"] = take(tree["blocks"]["xattn"])
-    return out
-  return _decoder_subtree(params, rebuild)
 
 
 def _read_after(x: jax.Array, module_cls):
@@ -271,9 +146,9 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """One step of the scanned decoder: ``size`` LM layers, a GatedXAttnDense before the
-  last one when ``with_xattn``. Scanned by ``Decoder`` (``nn.scan``), which stacks its
-  params on a leading ``layers`` axis.
+  """One step of the scanned decoder: ``size`` LM layers, the insert before the last one
+  (when there is one). Scanned by ``Decoder`` (``nn.scan``), which stacks its params on a
+  leading ``layers`` axis.
 
   Both methods have scan's signature (carry, broadcast inputs, per-block inputs) ->
   (carry, per-block outputs).
@@ -281,11 +156,10 @@ class DecoderBlock(nn.Module):
 
   config: DecoderConfig
   size: int
-  with_xattn: bool
+  insert: Insert | None = None
 
   def setup(self):
     c = self.config
-    from mmjax.models.gated_xattn import GatedXAttnDense  # pylint: disable=g-import-not-at-top
     # prevent_cse=False: inside scan the loop already keeps XLA from merging the
     # recomputation with the forward pass (flax's advice for remat inside scan).
     # What the scan's forward pass keeps for the backward is stacked over the blocks as
@@ -296,41 +170,42 @@ class DecoderBlock(nn.Module):
     keep_dots = dict(prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
     layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if c.remat else nn.remat(DecoderLayer, **keep_dots)
     self.layers = [layer_cls(c, weights_after_input=True) for _ in range(self.size)]
-    if self.with_xattn:
+    if self._with_insert():
       # Its weights through a barrier too, so that XLA cannot hoist their casts out of
-      # the loop (one block's cross-attention may still be gathered early).
-      barrier = nn.map_variables(GatedXAttnDense, "params", init=True, mutable=True,
+      # the loop (one block's insert may still be gathered early).
+      barrier = nn.map_variables(self.insert.module, "params", init=True, mutable=True,
                                  trans_in_fn=jax.lax.optimization_barrier,
-                                 methods=["__call__", "compute_media_kv"])
-      self.xattn = nn.remat(barrier, **keep_dots)(xattn_config(c))
+                                 methods=["__call__", "prepare"])
+      # Named after the insert (blocks/xattn for Flamingo's), as in the unrolled layout.
+      setattr(self, self.insert.name, nn.remat(barrier, **keep_dots)(*self.insert.args))
+
+  def _with_insert(self) -> bool:
+    return self.insert is not None and self.insert.every > 0
 
   def __call__(self, x: jax.Array, shared: tuple, scanned: dict):
-    """x [B, T, D]; shared = (positions, image_index, media); scanned = {"cache": this
-    block's cache or None, "media_kv": this block's media K/V or None}. Returns (x,
-    {"cache": the updated cache or None})."""
-    positions, image_index, media = shared
-    cache, media_kv = scanned["cache"], scanned["media_kv"]
+    """x [B, T, D]; shared = (positions, side); scanned = {"cache": this block's cache or
+    None, "state": this block's insert state or None}. Returns (x, {"cache": the updated
+    cache or None})."""
+    positions, side = shared
+    cache, state = scanned["cache"], scanned["state"]
     in_dtype = x.dtype
     new_cache = {} if cache is not None else None
     for j, layer in enumerate(self.layers):
-      if self.with_xattn and j == self.size - 1:
-        if media_kv is not None:
-          x = self.xattn(x, image_index, media_kv=media_kv)
-        else:
-          x = self.xattn(x, image_index, media=media)
+      if self._with_insert() and j == self.size - 1:
+        x = getattr(self, self.insert.name)(x, side, state)
       x, layer_cache = layer(x, positions, None if cache is None else cache[f"layers_{j}"])
       if cache is not None:
         new_cache[f"layers_{j}"] = layer_cache
-    # The scan carry keeps one dtype (the cross-attention computes in config.dtype).
+    # The scan carry keeps one dtype (an insert may compute in its own dtype).
     return x.astype(in_dtype), {"cache": new_cache}
 
-  def media_kv(self, carry: Any, media: jax.Array, unused: Any):
-    """(carry, this block's cross-attention media K/V) for media [B, N, L, Dm]."""
+  def prepare(self, carry: Any, source: Any, unused: Any):
+    """(carry, this block's insert state from ``source``)."""
     del unused
-    return carry, self.xattn.compute_media_kv(media)
+    return carry, getattr(self, self.insert.name).prepare(source)
 
 
-def _scanned_blocks(config: DecoderConfig, plan: ScanPlan, name: str) -> nn.Module:
+def _scanned_blocks(config: DecoderConfig, plan: ScanPlan, insert: Insert | None, name: str) -> nn.Module:
   scanned = nn.scan(
       DecoderBlock,
       variable_axes={"params": 0},
@@ -339,136 +214,138 @@ def _scanned_blocks(config: DecoderConfig, plan: ScanPlan, name: str) -> nn.Modu
       length=plan.num_blocks,
       # The stacked axis is the logical axis "layers" (mmjax.sharding: never sharded).
       metadata_params={nn.PARTITION_NAME: "layers"},
-      methods=["__call__", "media_kv"],
+      methods=["__call__", "prepare"],
   )
-  return scanned(config, plan.block_size, plan.with_xattn, name=name)
+  return scanned(config, plan.block_size, insert, name=name)
 
 
 class Decoder(nn.Module):
-  """Token ids [B, T] -> float32 logits [B, T, V], with optional media cross-attention."""
+  """Token ids or embeddings [B, T(, D)] -> float32 logits [B, T, V]; see the module docstring."""
 
   config: DecoderConfig
+  # Modules run before every insert.every-th layer (Flamingo's cross-attention), or None.
+  insert: Insert | None = None
 
   def setup(self):
     c = self.config
     self.embed = Embed(c.vocab_size, c.width, dtype=c.dtype)
     layer_cls = nn.remat(DecoderLayer) if c.remat else DecoderLayer
     if c.scan_layers:
-      plan = scan_plan(c)
+      plan = scan_plan(c.depth, self.insert)
       if plan.num_blocks:
-        self.blocks = _scanned_blocks(c, plan, name="blocks")
+        self.blocks = _scanned_blocks(c, plan, self.insert, name="blocks")
       # A dict attribute names its modules layers_{i}, as in the unrolled layout.
       self.layers = {i: layer_cls(c) for i in plan.remainder}
     else:
       self.layers = [layer_cls(c) for _ in range(c.depth)]
-    xattn_indices = xattn_layer_indices(c)
-    if xattn_indices and not c.scan_layers:
-      from mmjax.models.gated_xattn import GatedXAttnDense  # pylint: disable=g-import-not-at-top
-      xc = xattn_config(c)
-      # A dict attribute names its modules xattn_{i}: i is the LM layer they precede.
-      self.xattn = {i: GatedXAttnDense(xc) for i in xattn_indices}
+      for i in insert_layer_indices(c.depth, self.insert):
+        # Named {name}_{i}: i is the LM layer it precedes.
+        setattr(self, f"{self.insert.name}_{i}", self.insert.module(*self.insert.args))
     self.norm = RMSNorm(eps=c.norm_eps, dtype=c.dtype)
     if not c.tie_embeddings:
       self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=c.dtype)
 
-  def compute_media_kv(self, media: jax.Array) -> dict:
-    """Every cross-attention layer's media keys/values, computed once per image.
+  def _insert_at(self, i: int) -> nn.Module:
+    return getattr(self, f"{self.insert.name}_{i}")
 
-    Args:
-      media: Float[B, N, L, Dm] resampled latents.
-
-    Returns:
-      {"xattn_{i}": {"key", "value": [B, N*L, H, K]}} for each cross-attention layer;
-      with ``scan_layers``: {"blocks": {"key", "value": [num_blocks, B, N*L, H, K], ...}}.
-    """
+  def prepare_inserts(self, source: Any) -> dict:
+    """Every insert's state (its ``prepare(source)``), computed once, e.g. Flamingo's media
+    keys/values for every cross-attention layer: {"{name}_{i}": ...}, or with
+    ``scan_layers`` {"blocks": stacked over the blocks}; {} without inserts."""
+    indices = insert_layer_indices(self.config.depth, self.insert)
+    if not indices:
+      return {}
     if self.config.scan_layers:
-      if not xattn_layer_indices(self.config):
-        return {}
-      _, kv = self.blocks.media_kv(None, media, None)
-      return {"blocks": kv}
-    return {f"xattn_{i}": self.xattn[i].compute_media_kv(media)
-            for i in xattn_layer_indices(self.config)}
+      _, state = self.blocks.prepare(None, source, None)
+      return {"blocks": state}
+    return {f"{self.insert.name}_{i}": self._insert_at(i).prepare(source) for i in indices}
 
-  def __call__(
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Float32 [B, T, V] from the final hidden states [B, T, D] (``forward``'s)."""
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(hidden)
+    else:
+      logits = self.lm_head(hidden).astype(jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def forward(
       self,
-      input_ids: jax.Array,
+      x: jax.Array,
       *,
-      image_index: jax.Array | None = None,
-      media: jax.Array | None = None,
-      media_kv: Mapping[str, dict] | Sequence[dict] | None = None,
       positions: jax.Array | None = None,
       cache: dict | None = None,
+      side: Any = None,
+      insert_state: Mapping[str, Any] | None = None,
   ) -> tuple[jax.Array, dict | None]:
-    """Logits float32 [B, T, V] and the updated cache (None without one).
+    """The layers and the final norm over embeddings: (hidden [B, T, D], the updated cache).
 
     Args:
-      input_ids: Int[B, T].
-      image_index: Int[B, T], number of <image> tokens at or before each token (0: none
-        yet); needed by the cross-attention layers.
-      media: Float[B, N, L, Dm] latents; or instead
-      media_kv: the output of ``compute_media_kv`` (a dict keyed ``xattn_{i}``, or a
-        list in layer order; with ``scan_layers`` also its stacked {"blocks": ...}), so
-        generation does not recompute the media projections.
-      positions: Int[B, T] absolute positions (RoPE and the causal mask); default
-        0..T-1.
+      x: Float[B, T, D] embeddings (``embed(ids)``, or a family's own).
+      positions: Int[B, T] absolute positions (RoPE and the causal mask); default 0..T-1.
       cache: {"layers_{i}": {"key", "value": [B, S, G, K]}} from ``init_decoder_cache``
         (its stacked layout with ``scan_layers``); the new keys/values are written at
         ``positions``.
+      side: what every insert receives (e.g. Flamingo's image index and media latents).
+      insert_state: ``prepare_inserts``' output (the unrolled {"{name}_{i}"} form is
+        stacked for a scanned decoder), or None: each insert computes from ``side``.
     """
     c = self.config
-    b, t = input_ids.shape
-    xattn_indices = xattn_layer_indices(c)
-    if xattn_indices:
-      if (media is None) == (media_kv is None):
-        raise ValueError(
-            f"the decoder has cross-attention layers {xattn_indices}: give exactly one of"
-            f" media and media_kv (got media={media is not None}, media_kv={media_kv is not None})")
-      if image_index is None:
-        raise ValueError("the decoder has cross-attention layers: image_index [B, T] is required")
-      if image_index.shape != (b, t):
-        raise ValueError(f"image_index has shape {image_index.shape}; expected {(b, t)}")
-      if media_kv is not None and not isinstance(media_kv, Mapping):
-        media_kv = list(media_kv)
-        if len(media_kv) != len(xattn_indices):
-          raise ValueError(
-              f"media_kv has {len(media_kv)} entries; expected {len(xattn_indices)} (one per"
-              f" cross-attention layer {xattn_indices})")
-        media_kv = {f"xattn_{i}": kv for i, kv in zip(xattn_indices, media_kv)}
-      if media_kv is not None and c.scan_layers and "blocks" not in media_kv:
-        # The unrolled form: stack it into the scanned one.
-        media_kv = {"blocks": _stack([media_kv[f"xattn_{i}"] for i in xattn_indices])}
+    if x.ndim != 3 or x.shape[-1] != c.width:
+      raise ValueError(f"embeddings have shape {x.shape}; expected [batch, length, {c.width}]")
+    b, t, _ = x.shape
+    indices = insert_layer_indices(c.depth, self.insert)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if cache is not None and set(cache) != _cache_layout(c):
-      raise ValueError(f"cache has entries {sorted(cache)}; expected {sorted(_cache_layout(c))}"
+    if positions.shape != (b, t):
+      raise ValueError(f"positions have shape {positions.shape}; expected {(b, t)}")
+    if cache is not None and set(cache) != _cache_layout(c, self.insert):
+      raise ValueError(f"cache has entries {sorted(cache)}; expected {sorted(_cache_layout(c, self.insert))}"
                        f" (init_decoder_cache of this config, scan_layers={c.scan_layers})")
+    if insert_state is not None and indices and c.scan_layers and "blocks" not in insert_state:
+      insert_state = {"blocks": stack([insert_state[f"{self.insert.name}_{i}"] for i in indices])}
 
-    x = self.embed(input_ids)
     new_cache = {} if cache is not None else None
     if c.scan_layers:
-      if scan_plan(c).num_blocks:
+      if scan_plan(c.depth, self.insert).num_blocks:
         scanned = {"cache": None if cache is None else cache["blocks"],
-                   "media_kv": None if media_kv is None else media_kv["blocks"]}
-        x, out = self.blocks(x, (positions, image_index, media), scanned)
+                   "state": None if not insert_state else insert_state["blocks"]}
+        x, out = self.blocks(x, (positions, side), scanned)
         if cache is not None:
           new_cache["blocks"] = out["cache"]
       layers = sorted(self.layers.items())
     else:
       layers = enumerate(self.layers)
     for i, layer in layers:
-      if i in xattn_indices:
-        if media_kv is not None:
-          x = self.xattn[i](x, image_index, media_kv=media_kv[f"xattn_{i}"])
-        else:
-          x = self.xattn[i](x, image_index, media=media)
+      if i in indices:
+        state = None if not insert_state else insert_state[f"{self.insert.name}_{i}"]
+        x = self._insert_at(i)(x, side, state)
       layer_cache = None if cache is None else cache[f"layers_{i}"]
       x, layer_cache = layer(x, positions, layer_cache)
       if cache is not None:
         new_cache[f"layers_{i}"] = layer_cache
-    x = self.norm(x)
-    if c.tie_embeddings:
-      logits = self.embed.attend(x)
-    else:
-      logits = self.lm_head(x).astype(jnp.float32)
-    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-    return logits, new_cache
+    return self.norm(x), new_cache
+
+  def __call__(
+      self,
+      input_ids: jax.Array | None = None,
+      *,
+      embeddings: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      cache: dict | None = None,
+      side: Any = None,
+      insert_state: Mapping[str, Any] | None = None,
+  ) -> tuple[jax.Array, dict | None]:
+    """Logits float32 [B, T, V] and the updated cache (None without one), from exactly one
+    of ``input_ids`` Int[B, T] and ``embeddings`` Float[B, T, D]; the other arguments as in
+    ``forward``."""
+    if (input_ids is None) == (embeddings is None):
+      raise ValueError("Decoder needs exactly one of input_ids and embeddings; got "
+                       f"input_ids={'set' if input_ids is not None else None}, "
+                       f"embeddings={'set' if embeddings is not None else None}")
+    if input_ids is not None:
+      if input_ids.ndim != 2:
+        raise ValueError(f"input_ids have shape {input_ids.shape}; expected [batch, length]")
+      embeddings = self.embed(input_ids)
+    hidden, cache = self.forward(embeddings, positions=positions, cache=cache, side=side,
+                                 insert_state=insert_state)
+    return self.logits(hidden), cache

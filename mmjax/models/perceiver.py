@@ -6,7 +6,7 @@ normalised) media features and the latents themselves, then pass a feed-forward 
 with residuals; a final LayerNorm. Optional learned frame embeddings (videos) and media-time
 embeddings (position of the image in the example) are added to the media features first.
 
-Parameters (the converter ``mmjax.convert.open_flamingo`` is a rename table over them):
+Parameters (the converter ``mmjax.families.flamingo.convert_bridge`` is a rename table over them):
 ``latents`` [L, D]; ``frame_embs`` [F_max, D] if ``max_num_frames``; ``media_time_embs``
 [N_max, D] if ``max_num_media``; ``layers_{i}`` {``attn`` {``norm_media``, ``norm_latents``,
 ``to_q`` [D, H, K], ``to_kv`` [D, 2, H, K], ``to_out`` [H, K, D]}, ``ff`` {``norm``,

@@ -119,7 +119,8 @@ def build_step(config: ml_collections.ConfigDict, mesh, rules: sh.Rules, *, trai
   tx = optimizer.make_transform(config, mask)
   abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, seed=0), params)
   train_step = step_lib.make_train_step(
-      apply_fn=model.apply_fn, loss_fn=model.loss_fn, tx=tx, mask=mask, schedule=optimizer.make_schedule(config),
+      apply_fn=model.apply_fn, loss_fn=model.loss_fn, param_metrics=model.param_metrics, tx=tx, mask=mask,
+      schedule=optimizer.make_schedule(config),
       grad_accum_steps=int(config.optimizer.get("grad_accum_steps", 1)),
       remat=str(config.train.remat) if str(config.train.remat) in step_lib.REMAT_POLICIES else "none")
   step = shard_train_step(train_step, abstract_state, absb, boxed, mesh, rules, trainable=mask,

@@ -103,7 +103,9 @@ def main(argv: list[str]) -> int:
     with config.unlocked():
       if args.preset:
         from mmjax import zoo
-        config.model = _dc.asdict(zoo.get(args.preset))
+        family = families.of_config(config)
+        family.check_preset(args.preset)  # a preset of another family: ValueError listing this one's
+        config.model = {**_dc.asdict(zoo.get(args.preset)), "family": family.name}
       if args.dtype:
         config.mixed_precision.compute_dtype = args.dtype
       if args.remat:
@@ -115,7 +117,7 @@ def main(argv: list[str]) -> int:
                  .trainable)
     batch = args.batch or int(config.data.batch_size)
     length = args.length or int(config.data.text_length)
-    num_images = args.num_images or int(config.data.num_images)
+    num_images = args.num_images or int(config.data.get("num_images", 0))
     chips = len(aot.topology_devices(args.topology, args.slices))
     per_slice = chips // args.slices
     candidates = (sweep_candidates(per_slice) if args.sweep

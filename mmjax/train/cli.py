@@ -21,7 +21,13 @@ import sys
 
 from mmjax import errors
 
-TINY = "flamingo/tiny"  # a shipped config (mmjax.train.config.resolve_config_path)
+def _demo_config() -> str:
+  from mmjax import families  # pylint: disable=g-import-not-at-top
+  return families.DEMO_CONFIG
+
+
+# The demo's shipped config (mmjax.train.config.resolve_config_path), which tests also train.
+TINY = _demo_config()
 
 
 def _quiet_tpu_probe():
@@ -110,9 +116,8 @@ def generate_main(argv: list[str]) -> int:
   import numpy as np
   from mmjax.data import preprocess
   from mmjax.train import config as config_lib
-  from mmjax.train import evaluate
-  from mmjax.families.flamingo import task as task_lib
-  p = argparse.ArgumentParser(prog="mmjax generate", description="answer a prompt about images")
+  p = argparse.ArgumentParser(prog="mmjax generate", description="continue a prompt (about images, for a family "
+                              "whose model reads them) with the model of a work directory")
   p.add_argument("--workdir", required=True)
   p.add_argument("--image", action="append", default=[], help="an image file, one per <image> (repeatable)")
   p.add_argument("--prompt", required=True, help='e.g. "<image>Question: how many shapes are there? Answer:"')
@@ -120,23 +125,34 @@ def generate_main(argv: list[str]) -> int:
   p.add_argument("--sampling", default="greedy", help="greedy, or a mmjax.infer sampling name (top_p, ...)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  n_tokens = args.prompt.count("<image>")
-  if n_tokens != len(args.image) or not args.image:
-    raise ValueError(f"the prompt has {n_tokens} <image> tokens but {len(args.image)} --image files were "
-                     "given; expected one image (at least) per <image>")
+  from mmjax import families
+  from mmjax.train import loop
   config = config_lib.read_resolved(args.workdir)
-  size = int(config.data.image_size)
-  # Images first: a bad file is reported before the model is loaded.
-  images = np.stack([preprocess.load_image_file(f, size) for f in args.image])
-  config, task, _, params = evaluate.load(args.workdir)
-  tok = task_lib.load_tokenizer(config, args.workdir)
+  family = families.of_config(config)
+  task = family.task(config, args.workdir)
+  if task.decoding is None:
+    raise ValueError(f"family {family.name!r} does not generate text; expected a work directory of one of "
+                     f"{[f.name for f in families.REGISTRY.values() if f.decoding is not None]}")
+  n_tokens = args.prompt.count("<image>")
+  images = None
+  if task.takes_images:
+    if n_tokens != len(args.image) or not args.image:
+      raise ValueError(f"the prompt has {n_tokens} <image> tokens but {len(args.image)} --image files were "
+                       "given; expected one image (at least) per <image>")
+    # Images first: a bad file is reported before the model is loaded.
+    images = np.stack([preprocess.load_image_file(f, int(config.data.image_size)) for f in args.image])
+  elif args.image or n_tokens:
+    raise ValueError(f"family {family.name!r} reads no images; got {len(args.image)} --image files and "
+                     f"{n_tokens} <image> tokens in the prompt, expected none")
+  _, params = loop.restore_params(config, args.workdir, task)
+  tok = task.tokenizer
   ids = np.asarray(tok.encode_prompt(args.prompt), np.int32)  # BOS first, as in training
-  # The cached generator of mmjax.infer: media K/V once, a KV cache, greedy or sampled.
+  # The cached generator of mmjax.infer: the family's prefill once, a KV cache, greedy or sampled.
   from mmjax.infer import generate
-  out = generate(task_lib.model_config(config, tok), {"params": params}, images[None], ids[None],
-                 args.max_new_tokens, sampling=args.sampling, rng=jax.random.key(args.seed),
+  out = generate(task.decoding, {"params": params}, None if images is None else {"images": images[None]},
+                 ids[None], args.max_new_tokens, sampling=args.sampling, rng=jax.random.key(args.seed),
                  eos_token_id=tok.end_of_chunk_id, pad_id=tok.pad_id)
-  text = tok.decode([int(t) for t in np.asarray(out.tokens)[0]])
+  text = tok.decode([int(t) for t in np.asarray(out.tokens)[0][:int(out.lengths[0])]])
   print(text.split("<|endofchunk|>")[0].strip())
   return 0
 
@@ -158,8 +174,8 @@ def plot_main(argv: list[str]) -> int:
 def demo_main(argv: list[str]) -> int:
   _quiet_tpu_probe()
   from mmjax.train import demo
-  p = argparse.ArgumentParser(prog="mmjax demo", description="build data, train flamingo/tiny, show what it learned")
-  p.add_argument("--workdir", default="work/flamingo-tiny")
+  p = argparse.ArgumentParser(prog="mmjax demo", description=f"build data, train {TINY}, show what it learned")
+  p.add_argument("--workdir", default="work/" + TINY.replace("/", "-"))
   p.add_argument("--config", default=TINY)
   p.add_argument("--data-dir", default=None, help="default: $MMJAX_DATA_DIR, else ~/.cache/mmjax/data")
   p.add_argument("--skip-blank", action="store_true", help="do not train the blanked-images ablation")

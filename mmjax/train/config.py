@@ -183,7 +183,23 @@ def read_resolved(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise ValueError(f"{workdir!r} has no {RESOLVED_CONFIG}; expected a work directory written by `mmjax train`")
   with open(path) as f:
-    return from_dict(json.load(f))
+    return from_dict(upgrade(json.load(f)))
+
+
+def upgrade(recorded: dict) -> dict:
+  """A config as an older mmjax recorded it, in today's layout: `model.family` set (the
+  default one when absent) and its family's `upgrade_model` applied (e.g. Flamingo's
+  cross-attention fields left DecoderConfig)."""
+  from mmjax import families  # pylint: disable=g-import-not-at-top
+  model = recorded.get("model")
+  if not isinstance(model, dict):
+    return recorded
+  # Configs from before families name none: they are the default family's.
+  family = families.get(str(model.get("family", families.DEFAULT)))
+  model = {**model, "family": family.name}
+  if family.upgrade_model is not None:
+    model = family.upgrade_model(model)
+  return {**recorded, "model": model}
 
 
 def from_dict(d: dict) -> ml_collections.ConfigDict:

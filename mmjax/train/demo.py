@@ -45,7 +45,7 @@ def run(workdir: str, *, config_path: str, data_dir: str | None, overrides: list
     config = config_lib.load_config(config_path, [f"--config.data.dir={data_dir}", *overrides, *extra])
     wd = os.path.join(workdir, name)
     t = time.time()
-    print(f"[demo] training flamingo/tiny ({name}) for {config.train.num_steps} steps into {wd}", flush=True)
+    print(f"[demo] training {config_path} ({name}) for {config.train.num_steps} steps into {wd}", flush=True)
     task = families.of_config(config).task(config, None)
     summary = loop.train(config, wd, task)
     train_s = time.time() - t
@@ -58,7 +58,7 @@ def run(workdir: str, *, config_path: str, data_dir: str | None, overrides: list
   plot.plot(os.path.join(workdir, "images"), os.path.join(workdir, "curves.png"))
   main = results["images"]
   k = int(config.eval.few_shot_k)
-  print("\n=== what flamingo/tiny learned (validation split of the embedded dataset) ===")
+  print(f"\n=== what {config_path} learned (validation split of the embedded dataset) ===")
   print(f"QA exact match, with images:      {main['qa_zero_shot']:.1%} zero-shot"
         + (f", {main[f'qa_{k}_shot']:.1%} {k}-shot" if f"qa_{k}_shot" in main else ""))
   if "blank" in results:

@@ -1,11 +1,11 @@
-"""Evaluation of a trained work directory: validation loss, exact-match QA accuracy
-(zero-shot and few-shot), and CIDEr-D of generated captions.
+"""Evaluation of a trained work directory: validation loss and perplexity for every family;
+for a family whose model reads images, exact-match QA accuracy (zero-shot and few-shot) and
+CIDEr-D of generated captions on the embedded dataset's validation split.
 
-Generation here is greedy and recomputes the whole fixed-length buffer each token (no KV
-cache): a few tokens per answer on tiny models, and one compile per buffer shape. The
-cached generator of `mmjax.infer` is the one to use for long outputs.
+Generation is `mmjax.infer`'s cached generator over the family's `Decoding` (greedy; the
+prompts are batched and right-padded, so each batch shape compiles once).
 
-Dimension letters: B batch, N images, S image side, T buffer length.
+Dimension letters: B batch, N images, S image side, T prompt length.
 """
 
 from __future__ import annotations
@@ -13,83 +13,73 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mmjax import data as data_lib
+from mmjax import families
+from mmjax import filelock
+from mmjax import infer
 from mmjax.data import scenes
 from mmjax.train import cider as cider_lib
 from mmjax.train import config as config_lib
 from mmjax.train import loop
 from mmjax.train import step as step_lib
-from mmjax import families
-from mmjax import filelock
-from mmjax.families.flamingo import task as task_lib
 from mmjax.train import workdir as workdir_lib
 
 EVAL_FILE = "eval.json"
 
 
+def prompt_ids(tokenizer: data_lib.Tokenizer, prompt: str) -> list[int]:
+  """The prompt's ids as the model saw text in training: BOS first (the pipeline's sequences
+  all start with one; without it the model is asked about a context it never saw)."""
+  return tokenizer.encode_prompt(prompt)
+
+
 @dataclasses.dataclass
-class Generator:
-  """Greedy continuation of prompts with images, on a fixed-shape token buffer."""
-  apply_fn: step_lib.ApplyFn
-  params: object
+class TextGenerator:
+  """Greedy continuations of text prompts (with images, for a family that reads them)."""
+  decoding: infer.Decoding
+  params: Any
   tokenizer: data_lib.Tokenizer
   batch_size: int = 64
 
   def __post_init__(self):
-    tok = self.tokenizer
-
-    @jax.jit
-    def next_token(params, images, ids, lengths):
-      image_index = jnp.cumsum((ids == tok.image_id).astype(jnp.int32), axis=1)
-      batch = {"images": images, "input_ids": ids, "image_index": image_index,
-               "image_mask": jnp.ones(images.shape[:2], bool)}
-      logits = self.apply_fn(params, batch, jax.random.key(0))  # [B, T, V]
-      last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-      return jnp.argmax(last, axis=-1).astype(jnp.int32)
-
-    self._next_token = next_token
+    self._generator = infer.Generator(self.decoding)
 
   def encode(self, prompt: str) -> list[int]:
-    """The prompt's ids as the model saw text in training: BOS first (the pipeline's sequences
-    all start with one; without it the model is asked about a context it never saw)."""
-    return self.tokenizer.encode_prompt(prompt)
+    return prompt_ids(self.tokenizer, prompt)
 
-  def generate(self, images: np.ndarray, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """images uint8 [B, N, S, S, 3] (each prompt has N `<image>`s), prompts -> continuations."""
+  def generate(self, images: np.ndarray | None, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """images uint8 [B, N, S, S, 3] (each prompt has N `<image>`s) or None, prompts -> continuations
+    (each cut after its first `<|endofchunk|>`)."""
     tok = self.tokenizer
     encoded = [self.encode(p) for p in prompts]
-    longest = max(len(e) for e in encoded) + max_new_tokens
-    t = -(-longest // 16) * 16  # round up: fewer distinct shapes, fewer compiles
+    longest = max(len(e) for e in encoded)
     out = []
     for start in range(0, len(prompts), self.batch_size):
       chunk = encoded[start:start + self.batch_size]
-      imgs = images[start:start + self.batch_size]
       n = len(chunk)
-      pad = self.batch_size - n if len(prompts) > self.batch_size else 0
-      ids = np.full((n + pad, t), tok.pad_id, np.int32)
+      pad = self.batch_size - n if len(prompts) > self.batch_size else 0  # one shape for every batch
+      ids = np.full((n + pad, longest), tok.pad_id, np.int32)
       lengths = np.zeros((n + pad,), np.int32)
       for i, e in enumerate(chunk + [chunk[-1]] * pad):
         ids[i, :len(e)] = e
         lengths[i] = len(e)
-      imgs = np.concatenate([imgs, np.repeat(imgs[-1:], pad, axis=0)]) if pad else imgs
-      generated = [[] for _ in range(n)]
-      for _ in range(max_new_tokens):
-        nxt = np.asarray(self._next_token(self.params, imgs, ids, lengths))
-        ids[np.arange(n + pad), lengths] = nxt
-        lengths = lengths + 1
-        for i in range(n):
-          generated[i].append(int(nxt[i]))
-      for g in generated:
-        if tok.end_of_chunk_id in g:
-          g = g[:g.index(tok.end_of_chunk_id) + 1]
-        out.append(tok.decode(g))
+      inputs = None
+      if images is not None:
+        imgs = images[start:start + self.batch_size]
+        imgs = np.concatenate([imgs, np.repeat(imgs[-1:], pad, axis=0)]) if pad else imgs
+        inputs = {"images": imgs}
+      result = self._generator.generate(self.params, inputs, ids, max_new_tokens, prompt_lengths=lengths,
+                                        eos_token_id=tok.end_of_chunk_id, pad_id=tok.pad_id)
+      for i in range(n):
+        out.append(tok.decode([int(t) for t in result.tokens[i, :result.lengths[i]]]))
     return out
 
 
@@ -97,13 +87,13 @@ def _maybe_blank(config, images: np.ndarray) -> np.ndarray:
   return np.zeros_like(images) if bool(config.data.blank_images) else images
 
 
-def qa_accuracy(config: ml_collections.ConfigDict, gen: Generator, *, shots: int, limit: int,
+def qa_accuracy(config: ml_collections.ConfigDict, gen: TextGenerator, data_dir: str, *, shots: int, limit: int,
                 max_new_tokens: int) -> tuple[float, list[dict]]:
   """Exact-match accuracy on the validation QA split with `shots` solved examples before each question.
 
   Shots come from the train split (different scenes), in stored order, each with its image.
   """
-  d, size = task_lib.data_dir(config), int(config.data.image_size)
+  d, size = data_dir, int(config.data.image_size)
   queries = list(data_lib.qa_records(d, "validation", image_size=size, limit=limit or None))
   pool = list(data_lib.qa_records(d, "train", image_size=size, limit=max(shots * 50, 1))) if shots else []
   prompts, images = [], []
@@ -117,10 +107,10 @@ def qa_accuracy(config: ml_collections.ConfigDict, gen: Generator, *, shots: int
   return float(np.mean([r["correct"] for r in rows])) if rows else 0.0, rows
 
 
-def caption_cider(config: ml_collections.ConfigDict, gen: Generator, *, limit: int,
+def caption_cider(config: ml_collections.ConfigDict, gen: TextGenerator, data_dir: str, *, limit: int,
                   max_new_tokens: int = 24) -> float:
   """CIDEr-D of captions generated after `<image>` + `eval.caption_prompt` (validation captions split)."""
-  d, size = task_lib.data_dir(config), int(config.data.image_size)
+  d, size = data_dir, int(config.data.image_size)
   source = data_lib.open_split(d, "captions", "validation")
   count = min(limit or len(source), len(source))
   refs, images = [], []
@@ -167,21 +157,24 @@ def evaluate(workdir: str, *, num_questions: int | None = None, few_shot_k: int 
   out_path = os.path.join(workdir, EVAL_FILE)
   _check_writable(out_path)
   config, task, step, params = loaded or load(workdir)
-  limit = int(config.eval.num_questions) if num_questions is None else num_questions
-  k = int(config.eval.few_shot_k) if few_shot_k is None else few_shot_k
-  tok = task_lib.load_tokenizer(config, workdir)
-  gen = Generator(task.apply_fn, params, tok)
-  eval_step = jax.jit(step_lib.make_eval_step(task.apply_fn))
-  res = {"step": step, "blank_images": bool(config.data.blank_images)}
+  limit = int(config.eval.get("num_questions", 0)) if num_questions is None else num_questions
+  k = int(config.eval.get("few_shot_k", 0)) if few_shot_k is None else few_shot_k
+  eval_step = jax.jit(step_lib.make_eval_step(task.apply_fn, loss_fn=task.loss_fn))
+  res = {"step": step, "family": families.of_config(config).name}
+  if task.takes_images:
+    res["blank_images"] = bool(config.data.blank_images)
   res["val_loss"] = loop.evaluate_loss(eval_step, params, task.val_data(), config, int(config.eval.num_batches))
-  max_new = int(config.eval.max_new_tokens)
-  res["qa_zero_shot"], rows = qa_accuracy(config, gen, shots=0, limit=limit, max_new_tokens=max_new)
-  res["qa_zero_shot_by_kind"] = accuracy_by_kind(rows)
-  res["examples"] = rows[:8]
-  if k > 0:
-    res[f"qa_{k}_shot"], _ = qa_accuracy(config, gen, shots=k, limit=limit, max_new_tokens=max_new)
-  if with_cider:
-    res["cider"] = caption_cider(config, gen, limit=min(limit or 100, 100))
+  res["val_perplexity"] = math.exp(min(res["val_loss"], 700.0))
+  if task.takes_images and task.decoding is not None:
+    gen = TextGenerator(task.decoding, {"params": params}, task.tokenizer)
+    max_new = int(config.eval.max_new_tokens)
+    res["qa_zero_shot"], rows = qa_accuracy(config, gen, task.data_dir, shots=0, limit=limit, max_new_tokens=max_new)
+    res["qa_zero_shot_by_kind"] = accuracy_by_kind(rows)
+    res["examples"] = rows[:8]
+    if k > 0:
+      res[f"qa_{k}_shot"], _ = qa_accuracy(config, gen, task.data_dir, shots=k, limit=limit, max_new_tokens=max_new)
+    if with_cider:
+      res["cider"] = caption_cider(config, gen, task.data_dir, limit=min(limit or 100, 100))
   filelock.atomic_write(out_path, json.dumps(res, indent=2).encode())
   return res
 

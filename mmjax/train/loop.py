@@ -376,7 +376,8 @@ class _Plan:
                         self.abstract_state(stage, step), self.state_shardings(stage)[0])
 
   def build_step(self, stage: int, abstract_batch: dict):
-    fn = step_lib.make_train_step(apply_fn=self.task.apply_fn, loss_fn=self.task.loss_fn, tx=self.txs[stage],
+    fn = step_lib.make_train_step(apply_fn=self.task.apply_fn, loss_fn=self.task.loss_fn,
+                                  param_metrics=self.task.param_metrics, tx=self.txs[stage],
                                   mask=self.masks[stage], schedule=self.schedule,
                                   grad_accum_steps=int(self.config.optimizer.grad_accum_steps),
                                   remat=str(self.config.train.remat))

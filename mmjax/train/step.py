@@ -27,7 +27,6 @@ import optax
 from mmjax.families.base import ApplyFn, LossFn
 from mmjax.train.state import TrainState
 
-GATE_NAMES = ("attn_gate", "ff_gate")
 
 REMAT_POLICIES = {
     "none": None,
@@ -56,38 +55,6 @@ def next_token_loss(apply_fn: ApplyFn) -> LossFn:
   return loss
 
 
-def gate_values(params) -> dict[str, jax.Array]:
-  """tanh of every `attn_gate` / `ff_gate` parameter, keyed `gate/<path>`.
-
-  A scanned decoder (``scan_layers``) stacks its gates along a leading "layers" axis under
-  ``blocks/xattn``; each slice is reported under the name the unrolled layout gives it
-  (``.../xattn_{i}/attn_gate``), so metrics and plots read the same either way.
-  """
-  out = {}
-
-  def walk(tree, prefix):
-    if not hasattr(tree, "items"):
-      return
-    for key, value in tree.items():
-      key = str(key)
-      if key in GATE_NAMES and not hasattr(value, "items"):
-        out["gate/" + "/".join(prefix + [key])] = jnp.mean(jnp.tanh(jnp.asarray(value, jnp.float32)))
-      elif key == "blocks" and hasattr(value, "items") and "xattn" in value:
-        size = sum(1 for k in value if str(k).startswith("layers_"))
-        for name in GATE_NAMES:
-          stacked = value["xattn"].get(name) if hasattr(value["xattn"], "get") else None
-          if stacked is None:
-            continue
-          stacked = jnp.tanh(jnp.asarray(stacked, jnp.float32)).reshape(stacked.shape[0], -1)
-          for g in range(stacked.shape[0]):
-            out["gate/" + "/".join(prefix + [f"xattn_{g * size + size - 1}", name])] = jnp.mean(stacked[g])
-      else:
-        walk(value, prefix + [key])
-
-  walk(params, [])
-  return out
-
-
 def _freeze(params, mask):
   # Frozen leaves get stop_gradient, so XLA drops the backward pass through a frozen tower
   # that no trainable parameter feeds (the ViT in the Flamingo recipe).
@@ -96,12 +63,14 @@ def _freeze(params, mask):
 
 def make_train_step(*, apply_fn: ApplyFn | None = None, tx: optax.GradientTransformation, mask,
                     schedule: Callable, grad_accum_steps: int = 1, remat: str = "none",
-                    loss_fn: LossFn | None = None) -> Callable:
+                    loss_fn: LossFn | None = None,
+                    param_metrics: Callable[[Any], dict[str, jax.Array]] | None = None) -> Callable:
   """Builds `train_step(state, batch) -> (state, metrics)`.
 
   mask: pytree of bools over the parameters (True = trainable), fixed for this stage.
   tx: from `mmjax.train.optimizer.make_transform` over the same mask.
-  metrics: loss, grad_norm, lr, tokens, images, finite (1.0/0.0), and `gate/...` values.
+  metrics: loss, grad_norm, lr, tokens, images, finite (1.0/0.0), and the family's
+    `param_metrics` of the updated parameters (Flamingo's `gate/...` values).
   """
   if grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
@@ -165,7 +134,8 @@ def make_train_step(*, apply_fn: ApplyFn | None = None, tx: optax.GradientTransf
     if "image_mask" in batch:
       metrics["images"] = jnp.sum(batch["image_mask"].astype(jnp.float32))
     metrics.update({name: value / denom for name, value in extra.items()})
-    metrics.update(gate_values(new_state.params))
+    if param_metrics is not None:
+      metrics.update(param_metrics(new_state.params))
     return new_state, metrics
 
   return train_step

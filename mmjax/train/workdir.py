@@ -11,7 +11,8 @@ run was started with and the files it depends on (its tokenizer). Three guards k
   Fields that change how the model or its training is defined (model, optimizer, data,
   seed, ...) must match, or the run stops before touching anything and lists the fields;
   fields that only change logistics (`RESUMABLE_FIELDS`: step count, checkpoint, eval and
-  logging cadence, mesh and sharding, data workers) may change on resume.
+  logging cadence, mesh and sharding, data workers, the run a fresh start initialises from)
+  may change on resume.
 - `record_files`: files a run depends on are copied in at its first start and compared at
   every resume, so a tokenizer retrained in the data directory cannot silently change the
   meaning of the ids the checkpoints were trained on.
@@ -40,7 +41,9 @@ PREVIOUS_DIR = "previous"
 # checkpoint restores onto any mesh).
 RESUMABLE_FIELDS = ("train.num_steps", "train.nan_policy", "train.max_consecutive_skips", "train.remat",
                     "checkpoint", "eval", "log", "mesh", "sharding", "data.num_workers",
-                    "data.max_consecutive_bad_records")
+                    "data.max_consecutive_bad_records",
+                    # Read only at a fresh start (step 0): a resume restores its own checkpoint.
+                    "init.from_workdir")
 # Never moved by `start_over`: the lock itself, earlier runs, the compilation cache.
 _KEPT_BY_RESTART = (LOCK_FILE, PREVIOUS_DIR, "jax_cache")
 
@@ -133,7 +136,8 @@ def check_resume(workdir: str, recorded: Mapping | None, current: Mapping, *, al
   in a field that defines the run (unless `allow_change`)."""
   if recorded is None or allow_change:
     return
-  diffs = config_differences(recorded, current)
+  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  diffs = config_differences(config_lib.upgrade(dict(recorded)), current)
   if not diffs:
     return
   shown = "; ".join(f"{f}: {old!r} -> {new!r}" for f, old, new in diffs[:12])

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from mmjax.infer import Generator, Sampling, generate, prompt, sample
-from mmjax.models.flamingo import Flamingo
+from mmjax.families.flamingo.generation import decoding
+from mmjax.families.flamingo.model import Flamingo
 from tests.infer.util import micro_config, random_params
 
 CONFIG = micro_config()
+DECODING = decoding(CONFIG)
 MEDIA = CONFIG.media_token_id
 
 
@@ -59,8 +61,8 @@ def _greedy_by_full_forward(params, images, ids, lengths, image_mask, steps):
 def test_greedy_cached_generation_gives_the_tokens_of_step_by_step_full_forward_passes(params):
   images, ids, lengths, image_mask = _prompts()
   steps = 6
-  got = Generator(CONFIG).generate(params, images, ids, steps, prompt_lengths=lengths,
-                                   image_mask=image_mask)
+  got = Generator(DECODING).generate(params, {"images": images, "image_mask": image_mask}, ids, steps,
+                                     prompt_lengths=lengths)
   want = _greedy_by_full_forward(params, images, ids, lengths, image_mask, steps)
   assert got.tokens.tolist() == want.tolist()
   assert got.lengths.tolist() == [steps, steps]
@@ -69,19 +71,19 @@ def test_greedy_cached_generation_gives_the_tokens_of_step_by_step_full_forward_
 def test_prefill_and_decode_compile_once_per_bucket_however_many_tokens_are_generated(params):
   """And whatever the sampling method: its settings are traced inputs."""
   images, ids, lengths, image_mask = _prompts()
-  gen = Generator(CONFIG, prompt_buckets=(16, 32), length_buckets=(32, 64))
+  gen = Generator(DECODING, prompt_buckets=(16, 32), length_buckets=(32, 64))
   samplings = ["greedy", Sampling("top_k", top_k=3), Sampling("top_p", top_p=0.5, temperature=0.7)]
   for max_new, sampling in zip((2, 5, 11), samplings):  # prompt bucket 16, cache bucket 32
-    gen.generate(params, images, ids, max_new, sampling=sampling, rng=jax.random.key(0),
-                 prompt_lengths=lengths, image_mask=image_mask)
+    gen.generate(params, {"images": images, "image_mask": image_mask}, ids, max_new, sampling=sampling,
+                 rng=jax.random.key(0), prompt_lengths=lengths)
   assert gen.trace_counts == {"prefill": 1, "decode": 1}
   if hasattr(gen.decode_step, "_cache_size"):  # jax's own count of compiled executables
     assert gen.prefill_step._cache_size() == 1 and gen.decode_step._cache_size() == 1
 
   long_ids = np.concatenate([ids, np.full((2, 12), 7, np.int32)], axis=1)  # 21 -> bucket 32
   for max_new in (12, 20):  # totals 33 and 41: cache bucket 64 both times
-    gen.generate(params, images, long_ids, max_new, prompt_lengths=lengths + 12,
-                 image_mask=image_mask)
+    gen.generate(params, {"images": images, "image_mask": image_mask}, long_ids, max_new,
+                 prompt_lengths=lengths + 12)
   assert gen.trace_counts == {"prefill": 2, "decode": 2}
   if hasattr(gen.decode_step, "_cache_size"):
     assert gen.prefill_step._cache_size() == 2 and gen.decode_step._cache_size() == 2
@@ -89,10 +91,10 @@ def test_prefill_and_decode_compile_once_per_bucket_however_many_tokens_are_gene
 
 def test_generation_stops_each_example_at_eos_and_pads_after_it(params):
   images, ids, lengths, image_mask = _prompts()
-  free = generate(CONFIG, params, images, ids, 6, prompt_lengths=lengths, image_mask=image_mask)
+  inputs = {"images": images, "image_mask": image_mask}
+  free = generate(DECODING, params, inputs, ids, 6, prompt_lengths=lengths)
   eos = int(free.tokens[0, 1])
-  out = generate(CONFIG, params, images, ids, 6, prompt_lengths=lengths, image_mask=image_mask,
-                 eos_token_id=eos, pad_id=0)
+  out = generate(DECODING, params, inputs, ids, 6, prompt_lengths=lengths, eos_token_id=eos, pad_id=0)
   stop = list(free.tokens[0]).index(eos)
   assert out.tokens[0, : stop + 1].tolist() == free.tokens[0, : stop + 1].tolist()
   assert (out.tokens[0, stop + 1:] == 0).all() and out.lengths[0] == stop + 1
@@ -115,24 +117,27 @@ def test_sampling_methods_keep_to_their_support():
 
 def test_sampled_generation_is_reproducible_from_its_key_and_top_k_1_is_greedy(params):
   images, ids, lengths, image_mask = _prompts()
-  kw = dict(prompt_lengths=lengths, image_mask=image_mask)
-  a = generate(CONFIG, params, images, ids, 5, Sampling("top_p", top_p=0.95), jax.random.key(3), **kw)
-  b = generate(CONFIG, params, images, ids, 5, Sampling("top_p", top_p=0.95), jax.random.key(3), **kw)
+  kw = dict(prompt_lengths=lengths)
+  images = {"images": images, "image_mask": image_mask}
+  a = generate(DECODING, params, images, ids, 5, Sampling("top_p", top_p=0.95), jax.random.key(3), **kw)
+  b = generate(DECODING, params, images, ids, 5, Sampling("top_p", top_p=0.95), jax.random.key(3), **kw)
   assert (a.tokens == b.tokens).all() and (a.tokens != MEDIA).all()
-  greedy = generate(CONFIG, params, images, ids, 5, **kw)
-  top1 = generate(CONFIG, params, images, ids, 5, Sampling("top_k", top_k=1), jax.random.key(0), **kw)
+  greedy = generate(DECODING, params, images, ids, 5, **kw)
+  top1 = generate(DECODING, params, images, ids, 5, Sampling("top_k", top_k=1), jax.random.key(0), **kw)
   assert (greedy.tokens == top1.tokens).all()
 
 
 def test_generate_rejects_bad_inputs_naming_the_value(params):
   images, ids, lengths, image_mask = _prompts()
+  inputs = {"images": images, "image_mask": image_mask}
   with pytest.raises(ValueError, match="exceeds the configured maximum 64"):
-    generate(CONFIG, params, images, ids, 60, prompt_lengths=lengths, image_mask=image_mask)
+    generate(DECODING, params, inputs, ids, 60, prompt_lengths=lengths)
   with pytest.raises(ValueError, match="example 1 has 2 images but 1 <image> tokens"):
-    generate(CONFIG, params, images, ids, 3, prompt_lengths=lengths)
+    generate(DECODING, params, {"images": images}, ids, 3, prompt_lengths=lengths)
   with pytest.raises(ValueError, match="needs rng"):
-    generate(CONFIG, params, images, ids, 3, "temperature", prompt_lengths=lengths,
-             image_mask=image_mask)
+    generate(DECODING, params, inputs, ids, 3, "temperature", prompt_lengths=lengths)
+  with pytest.raises(ValueError, match="needs inputs\\['images'\\]"):
+    generate(DECODING, params, None, ids, 3, prompt_lengths=lengths)
 
 
 def test_few_shot_prompts_interleave_images_and_text():

@@ -12,7 +12,7 @@ import pytest
 
 from mmjax import zoo
 from mmjax.kernels.attention import force_interpret
-from mmjax.models.flamingo import Flamingo
+from mmjax.families.flamingo.model import Flamingo
 from tests.kernels.cases import rel_err
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

@@ -9,18 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.models.decoder import Decoder, DecoderConfig, init_decoder_cache, xattn_layer_indices
+from mmjax.models.decoder import Decoder, DecoderConfig
+from mmjax.models.scan_layout import insert_layer_indices
+from tests.models import xdecoder
 
 CONFIG = DecoderConfig(vocab_size=40, width=32, depth=4, num_heads=4, num_kv_heads=2, head_dim=8,
-                       mlp_dim=48, max_length=32, rope_theta=1234.0, cross_attn_every_n_layers=2,
-                       xattn_num_heads=2, xattn_head_dim=8, xattn_ff_mult=2, media_width=16)
+                       mlp_dim=48, max_length=32, rope_theta=1234.0)
+N = 2  # cross-attention before every N-th layer
 
 
-def _random_params(config, media_shape=(1, 1, 2, 16), seed=0):
-  shapes = nn.unbox(jax.eval_shape(
-      Decoder(config).init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32),
-      image_index=jnp.zeros((1, 3), jnp.int32),
-      media=jnp.zeros(media_shape, jnp.float32) if config.cross_attn_every_n_layers else None))
+def _random_params(config, media_shape=(1, 1, 2, 16), seed=0, n=N):
+  shapes = nn.unbox(xdecoder.init_shapes(
+      config, n, jnp.zeros((1, 3), jnp.int32), image_index=jnp.zeros((1, 3), jnp.int32),
+      media=jnp.zeros(media_shape, jnp.float32) if n else None))
   rng = np.random.default_rng(seed)
   def draw(leaf):
     fan_in = leaf.shape[0] if len(leaf.shape) > 1 else 1
@@ -34,9 +35,8 @@ def _random_params(config, media_shape=(1, 1, 2, 16), seed=0):
     (7, 80, (6, 13, 20, 27, 34, 41, 48, 55, 62, 69, 76)),
 ])
 def test_cross_attention_sits_before_the_layers_open_flamingo_picks(n, depth, want):
-  config = dataclasses.replace(CONFIG, cross_attn_every_n_layers=n, depth=depth)
   # open_flamingo's FlamingoLMMixin.init_flamingo: a block where (layer_idx + 1) % n == 0.
-  assert xattn_layer_indices(config) == want == tuple(i for i in range(depth) if n and (i + 1) % n == 0)
+  assert insert_layer_indices(depth, xdecoder.insert(n)) == want == tuple(i for i in range(depth) if n and (i + 1) % n == 0)
 
 
 def test_params_hold_one_xattn_module_per_chosen_layer_and_no_lm_head_when_tied():
@@ -44,6 +44,8 @@ def test_params_hold_one_xattn_module_per_chosen_layer_and_no_lm_head_when_tied(
   assert sorted(k for k in params if k.startswith("xattn_")) == ["xattn_1", "xattn_3"]
   assert "lm_head" in params
   tied = _random_params(dataclasses.replace(CONFIG, tie_embeddings=True))["params"]
+  plain = _random_params(CONFIG, n=0)["params"]
+  assert not any(k.startswith("xattn") for k in plain)
   assert "lm_head" not in tied
 
 
@@ -53,13 +55,12 @@ def test_cached_prefill_then_one_token_steps_give_the_full_forward_logits():
   ids = jnp.asarray(rng.integers(0, 40, (2, 9)), jnp.int32)
   image_index = jnp.asarray([[0, 1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
   media = jnp.asarray(rng.standard_normal((2, 2, 3, 16)), jnp.float32)
-  model = Decoder(CONFIG)
-  full, _ = jax.jit(model.apply)(params, ids, image_index=image_index, media=media)
+  full, _ = jax.jit(lambda p: xdecoder.apply(CONFIG, N, p, ids, image_index, media))(params)
 
-  media_kv = model.apply(params, media, method=Decoder.compute_media_kv)
-  step = jax.jit(lambda ids, ii, pos, cache: model.apply(
-      params, ids, image_index=ii, media_kv=media_kv, positions=pos, cache=cache))
-  cache = init_decoder_cache(CONFIG, 2, 16)
+  media_kv = xdecoder.media_kv(CONFIG, N, params, media)
+  step = jax.jit(lambda ids, ii, pos, cache: xdecoder.apply(
+      CONFIG, N, params, ids, image_index=ii, media_kv=media_kv, positions=pos, cache=cache))
+  cache = xdecoder.cache(CONFIG, N, 2, 16)
   pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
   logits, cache = step(ids[:, :5], image_index[:, :5], pos, cache)
   steps = [logits]
@@ -75,11 +76,9 @@ def test_text_before_the_first_image_does_not_depend_on_the_images():
   rng = np.random.default_rng(2)
   ids = jnp.asarray(rng.integers(0, 40, (1, 6)), jnp.int32)
   image_index = jnp.asarray([[0, 0, 0, 1, 1, 1]], jnp.int32)
-  apply = jax.jit(Decoder(CONFIG).apply)
-  a, _ = apply(params, ids, image_index=image_index,
-                               media=jnp.asarray(rng.standard_normal((1, 1, 3, 16)), jnp.float32))
-  b, _ = apply(params, ids, image_index=image_index,
-                               media=jnp.asarray(rng.standard_normal((1, 1, 3, 16)), jnp.float32))
+  apply = jax.jit(lambda p, ii, m: xdecoder.apply(CONFIG, N, p, ids, ii, m))
+  a, _ = apply(params, image_index, jnp.asarray(rng.standard_normal((1, 1, 3, 16)), jnp.float32))
+  b, _ = apply(params, image_index, jnp.asarray(rng.standard_normal((1, 1, 3, 16)), jnp.float32))
   np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-6)
   assert np.abs(np.asarray(a[:, 3:] - b[:, 3:])).min() > 1e-4
 
@@ -88,4 +87,24 @@ def test_decoder_with_cross_attention_requires_exactly_one_of_media_and_media_kv
   params = _random_params(CONFIG)
   ids = jnp.zeros((1, 3), jnp.int32)
   with pytest.raises(ValueError, match="exactly one of media and media_kv"):
-    Decoder(CONFIG).apply(params, ids, image_index=jnp.zeros((1, 3), jnp.int32))
+    xdecoder.apply(CONFIG, N, params, ids, image_index=jnp.zeros((1, 3), jnp.int32))
+
+
+def test_the_decoder_over_embeddings_equals_it_over_ids():
+  """embed -> forward -> logits is the same function as the decoder over ids (what LLaVA and
+  BLIP-2 splice their image tokens into)."""
+  config = dataclasses.replace(CONFIG, tie_embeddings=False)
+  model = Decoder(config)
+  ids = jnp.asarray(np.random.default_rng(5).integers(0, 40, (2, 7)), jnp.int32)
+  params = model.init(jax.random.key(1), ids)
+  want, _ = model.apply(params, ids)
+  x = model.apply(params, ids, method=lambda m, i: m.embed(i))
+  got, _ = model.apply(params, embeddings=x)
+  hidden, _ = model.apply(params, x, method=Decoder.forward)
+  parts = model.apply(params, hidden, method=Decoder.logits)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(parts), np.asarray(want))
+  with pytest.raises(ValueError, match="exactly one of input_ids and embeddings"):
+    model.apply(params, ids, embeddings=x)
+  with pytest.raises(ValueError, match=r"expected \[batch, length, 32\]"):
+    model.apply(params, embeddings=x[..., :16])

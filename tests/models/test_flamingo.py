@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmjax import zoo
-from mmjax.models.flamingo import Flamingo, param_labels
+from mmjax.families.flamingo.model import Flamingo, param_labels
 from tests.infer.util import micro_config, random_params
 
 # name -> (total, share labelled 'xattn') from counting the published architectures by
@@ -41,7 +41,7 @@ def _count_by_label(params):
   return counts
 
 
-@pytest.mark.parametrize("name", zoo.list())
+@pytest.mark.parametrize("name", zoo.list("flamingo"))
 def test_every_preset_builds_under_eval_shape_with_its_parameter_count(name):
   config = zoo.get(name)
   params = _abstract_params(config)

@@ -1,7 +1,7 @@
 """Parity of the Perceiver Resampler and GatedXAttnDense with open_flamingo's torch modules.
 
 The references (``open_flamingo.src.helpers``) are built with random weights from tiny local
-configs; their state_dicts go through ``mmjax.convert.open_flamingo``; outputs are compared in
+configs; their state_dicts go through ``mmjax.families.flamingo.convert_bridge``; outputs are compared in
 float32 on CPU (max abs diff <= 1e-4).
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmjax.convert import open_flamingo as convert
+from mmjax.families.flamingo import convert_bridge as convert
 from mmjax.models.gated_xattn import GatedXAttnConfig, GatedXAttnDense
 from mmjax.models.perceiver import PerceiverConfig, PerceiverResampler
 from tests.parity.conftest import import_open_flamingo, seed_torch, to_numpy

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from mmjax.convert import flamingo as flamingo_convert
+from mmjax.families.flamingo import convert as flamingo_convert
 from mmjax.convert import hf_llama, hf_vision
-from mmjax.models.flamingo import Flamingo, FlamingoConfig
+from mmjax.families.flamingo.model import Flamingo, FlamingoConfig
 from mmjax.models.perceiver import PerceiverConfig
 from tests.parity.conftest import import_open_flamingo
 
@@ -60,8 +60,8 @@ def _reference(only_immediate: bool = True):
   config = FlamingoConfig(
       vision=hf_vision.config_from_hf_clip(clip_config.to_dict()),
       resampler=PerceiverConfig(width=32, depth=6, num_heads=8, head_dim=64, num_latents=64),
-      decoder=hf_llama.config_from_hf_llama(
-          lm_config, cross_attn_every_n_layers=2, media_width=32),
+      decoder=hf_llama.config_from_hf_llama(lm_config),
+      cross_attn_every_n_layers=2,
       media_token_id=MEDIA, end_of_chunk_token_id=EOC)
   return model, config
 

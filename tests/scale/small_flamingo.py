@@ -32,8 +32,8 @@ def config():
       resampler=dataclasses.replace(tiny.resampler, width=32, depth=1, num_heads=2, head_dim=16, num_latents=4,
                                     ff_mult=2),
       decoder=dataclasses.replace(tiny.decoder, vocab_size=VOCAB, width=32, depth=2, num_heads=4, num_kv_heads=2,
-                                  head_dim=8, mlp_dim=64, cross_attn_every_n_layers=2, xattn_num_heads=2,
-                                  xattn_head_dim=16, xattn_ff_mult=2, media_width=32),
+                                  head_dim=8, mlp_dim=64),
+      cross_attn_every_n_layers=2, xattn_num_heads=2, xattn_head_dim=16, xattn_ff_mult=2,
       media_token_id=MEDIA, end_of_chunk_token_id=MEDIA + 1)
 
 
@@ -55,7 +55,7 @@ def make_batch(seed: int, batch_size: int = 8) -> dict:
 
 def build(trainable=("vision", "resampler", "xattn", "lm"), gate_init: float = 0.0):
   """(boxed abstract params, host train state, trainable mask, train_step)."""
-  from mmjax.models import flamingo
+  from mmjax.families.flamingo import model as flamingo
   from mmjax.families.flamingo import task
   from mmjax.train import optimizer, state as state_lib, step as step_lib
   cfg = config()

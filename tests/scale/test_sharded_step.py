@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from mmjax import sharding as sh
-from mmjax.models.flamingo import param_label
+from mmjax.families.flamingo.model import param_label
 from mmjax.train.sharded_step import shard_train_step
 from tests.scale import small_flamingo
 

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from mmjax import families
+from mmjax.families.flamingo.gates import gate_values
 from mmjax.train import config as config_lib
 from mmjax.train import loop
 from mmjax.train import metrics as metrics_lib
@@ -116,7 +117,7 @@ def test_flamingo_recipe_leaves_frozen_parameters_bitwise_unchanged_and_opens_th
       assert np.array_equal(np.asarray(p0).view(np.uint32), np.asarray(p1).view(np.uint32)), path
     else:
       assert not np.array_equal(np.asarray(p0), np.asarray(p1)), path
-  gates = step_lib.gate_values(params)
+  gates = gate_values(params)
   assert set(gates) == {"gate/xattn_0/attn_gate", "gate/xattn_0/ff_gate"}
   assert all(abs(float(v)) > 1e-3 for v in gates.values())
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.families.base import Task
+from mmjax.families.flamingo.gates import gate_values
 from mmjax.train import config as config_lib
 
 VOCAB = 16
@@ -118,7 +119,7 @@ def task(config, *, width: int = 16, stall_at: int | None = None) -> Task:
   return Task(init_params=init_params, apply_fn=apply_fn, param_labels=labels,
                    train_data=lambda: ToyData(bsz, stall_at),
                    val_data=lambda: [make_batch(10_000 + i, bsz) for i in range(2)],
-                   flops_per_example=lambda trainable: 1e6)
+                   flops_per_example=lambda trainable: 1e6, param_metrics=gate_values)
 
 
 def config(*overrides: str):

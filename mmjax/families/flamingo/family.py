@@ -14,12 +14,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax import zoo
 from mmjax.families import base
+from mmjax.families.flamingo import convert
 from mmjax.families.flamingo import flops as flops_lib
+from mmjax.families.flamingo import gates
+from mmjax.families.flamingo import generation
+from mmjax.families.flamingo import model as flamingo
+from mmjax.families.flamingo import presets as presets_lib
 from mmjax.families.flamingo import task as task_lib
-from mmjax.models import flamingo
-from mmjax.models.decoder import scan_plan
 
 COMPONENTS = flamingo.COMPONENTS
 
@@ -55,7 +57,7 @@ def uncounted_flops(cfg: flamingo.FlamingoConfig, trainable: frozenset[str], bat
   d = cfg.decoder
   if not d.scan_layers:
     return 0.0
-  plan = scan_plan(d)
+  plan = flamingo.scan_plan(cfg)
   if plan.num_blocks < 2:
     return 0.0
   fwd = flops_lib.flamingo_forward_flops(cfg, num_images, length)
@@ -64,7 +66,7 @@ def uncounted_flops(cfg: flamingo.FlamingoConfig, trainable: frozenset[str], bat
   # resampler or a cross-attention), so gradients pass through all repeated blocks.
   lm_mult = (3 if "lm" in trainable else 2) + (1 if d.remat else 0)
   block = plan.block_size * lm_mult * lm
-  if plan.with_xattn:
+  if plan.with_insert:
     block += (3 if "xattn" in trainable else 2) * fwd["xattn"][0]
   return (plan.num_blocks - 1) * block * batch / chips
 
@@ -76,15 +78,14 @@ def abstract(config: ml_collections.ConfigDict) -> base.AbstractModel:
   model = task_lib.Model(cfg, one)
   return base.AbstractModel(
       config=cfg, init_params=model.init, apply_fn=model.apply, boxed_params=model.boxed,
-      param_labels=flamingo.param_labels,
+      param_labels=flamingo.param_labels, param_metrics=gates.gate_values,
       abstract_batch=lambda batch, length, num_images: abstract_batch(cfg, batch, length, num_images),
       uncounted_flops=lambda trainable, batch, length, num_images, chips: uncounted_flops(
           cfg, trainable, batch, length, num_images, chips))
 
 
-def presets() -> dict[str, flamingo.FlamingoConfig]:
-  return {name: zoo.get(name) for name in zoo.list()}
-
-
 FAMILY = base.Family(name="flamingo", components=COMPONENTS, config_class=flamingo.FlamingoConfig,
-                     presets=presets, task=task_lib.flamingo_task, abstract=abstract)
+                     presets=presets_lib.presets, task=task_lib.flamingo_task, abstract=abstract,
+                     override=presets_lib.override, upgrade_model=flamingo.upgrade_model_dict,
+                     decoding=generation.decoding,
+                     importers={"open_flamingo": convert.flamingo_from_state_dict})

@@ -35,7 +35,7 @@ def flamingo_forward_flops(cfg, num_images: int, text_length: int) -> dict[str, 
 
   Returns {'vision': [f], 'resampler': [f], 'lm': [per layer..., head], 'xattn': [per block]}
   plus the key 'order': a list of ('vision'|'resampler'|'xattn'|'lm', index) in the order
-  data flows. `cfg` is a `mmjax.models.flamingo.FlamingoConfig`.
+  data flows. `cfg` is a `FlamingoConfig`.
   """
   v, r, d = cfg.vision, cfg.resampler, cfg.decoder
   n, t = num_images, text_length
@@ -52,11 +52,11 @@ def flamingo_forward_flops(cfg, num_images: int, text_length: int) -> dict[str, 
   lm_layer = (2 * t * w * hk + 2 * t * w * 2 * gk + 2 * t * hk * w + 4 * t * t * hk / 2
               + 3 * 2 * t * w * d.mlp_dim)
   head = 2 * t * w * d.vocab_size
-  xk = d.xattn_num_heads * d.xattn_head_dim
+  xk = cfg.xattn_num_heads * cfg.xattn_head_dim
   m = n * lat
-  xattn_block = (2 * t * w * xk + 2 * m * d.media_width * 2 * xk + 2 * t * xk * w + 4 * t * m * xk
-                 + 2 * 2 * t * w * d.xattn_ff_mult * w)
-  every = d.cross_attn_every_n_layers
+  xattn_block = (2 * t * w * xk + 2 * m * r.width * 2 * xk + 2 * t * xk * w + 4 * t * m * xk
+                 + 2 * 2 * t * w * cfg.xattn_ff_mult * w)
+  every = cfg.cross_attn_every_n_layers
   order = [("vision", 0), ("resampler", 0)]
   n_x = 0
   for i in range(d.depth):

@@ -1,7 +1,7 @@
 """The real task: Flamingo from the config, on the data built by `mmjax data build`.
 
 `model_config(config, tokenizer)` turns `config.model` (every field of
-`mmjax.models.flamingo.FlamingoConfig`, as nested dicts) into the frozen dataclass, taking
+`mmjax.families.flamingo.model.FlamingoConfig`, as nested dicts) into the frozen dataclass, taking
 the vocabulary size and the `<image>` / `<|endofchunk|>` ids from the tokenizer and the
 compute dtype from `config.mixed_precision`. `flamingo_task(config)` gives the loop its
 `Task`: init/apply of the model, parameter labels, train and validation pipelines and the
@@ -10,9 +10,6 @@ analytic FLOP count.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import os
 
 import flax
 import jax
@@ -21,106 +18,40 @@ import ml_collections
 import numpy as np
 
 from mmjax import data as data_lib
-from mmjax.models import flamingo
+from mmjax.families import base, common
+from mmjax.families.flamingo import flops as flops_lib
+from mmjax.families.flamingo import gates
+from mmjax.families.flamingo import generation
+from mmjax.families.flamingo import model as flamingo
 from mmjax.models.decoder import DecoderConfig
 from mmjax.models.perceiver import PerceiverConfig
 from mmjax.models.vit import ViTConfig
-from mmjax.families import base
-from mmjax.families.flamingo import flops as flops_lib
 
 
-def preset_dict(name: str) -> dict:
-  """A zoo preset as nested plain dicts, for `config.model` (every field overridable)."""
-  from mmjax import zoo
-  return dataclasses.asdict(zoo.get(name))
-
-
-def _replace(cls, values: ml_collections.ConfigDict | dict, where: str, **forced):
-  values = dict(values)
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f"config.model.{where} has fields {unknown} that {cls.__name__} does not; expected {sorted(known)}")
-  values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}
-  values.update(forced)
-  return cls(**values)
-
-
-def data_dir(config: ml_collections.ConfigDict) -> str:
-  return os.path.abspath(os.path.expanduser(str(config.data.dir) or data_lib.default_data_dir()))
-
-
-# A work directory's own copy of the tokenizer it trains with (`workdir.record_files`).
-TOKENIZER_COPY = "tokenizer.model"
-
-
-def tokenizer_file(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
-  """The tokenizer a run uses: its work directory's copy once there is one (the data
-  directory's may have been retrained since, and the checkpoints' ids are the copy's),
-  else the data directory's."""
-  if workdir is not None:
-    copy = os.path.join(workdir, TOKENIZER_COPY)
-    if os.path.exists(copy):
-      return copy
-  d = data_dir(config)
-  try:
-    return data_lib.tokenizer_path(d)
-  except (OSError, ValueError, KeyError) as e:
-    raise ValueError(f"no dataset in {d!r} ({e}); build it with `mmjax data build --data-dir {d}`") from None
-
-
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = None) -> data_lib.Tokenizer:
-  return data_lib.Tokenizer.load(tokenizer_file(config, workdir))
-
-
-def _read_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> bytes:
-  path = tokenizer_file(config, workdir)
-  with open(path, "rb") as f:
-    content = f.read()
-  if workdir is not None and path == os.path.join(workdir, TOKENIZER_COPY):
-    try:
-      with open(tokenizer_file(config), "rb") as f:
-        changed = f.read() != content
-    except (OSError, ValueError):
-      changed = False
-    if changed:
-      logging.getLogger(__name__).warning(
-          "the tokenizer of data directory %s is not the one %s was trained with; using the work directory's "
-          "copy %s (train into a new --workdir to use the new one)", data_dir(config), workdir, path)
-  return content
+# Keys of `config.model` that are not FlamingoConfig fields.
+NOT_MODEL_FIELDS = ("family",)
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer) -> flamingo.FlamingoConfig:
-  m = config.model
+  m = flamingo.upgrade_model_dict(config.model.to_dict())
   dtype = str(config.mixed_precision.compute_dtype)
   remat_layers = str(config.train.remat) == "layers"
-  return flamingo.FlamingoConfig(
-      vision=_replace(ViTConfig, m.vision, "vision", dtype=dtype),
-      resampler=_replace(PerceiverConfig, m.resampler, "resampler", dtype=dtype),
-      decoder=_replace(DecoderConfig, m.decoder, "decoder", dtype=dtype, vocab_size=tokenizer.vocab_size,
-                       remat=remat_layers or bool(m.decoder.get("remat", False))),
+  top = {k: v for k, v in m.items() if k not in ("vision", "resampler", "decoder") + NOT_MODEL_FIELDS}
+  return common.replace_fields(
+      flamingo.FlamingoConfig, top, "",
+      vision=common.replace_fields(ViTConfig, m["vision"], "vision", dtype=dtype),
+      resampler=common.replace_fields(PerceiverConfig, m["resampler"], "resampler", dtype=dtype),
+      decoder=common.replace_fields(DecoderConfig, m["decoder"], "decoder", dtype=dtype, vocab_size=tokenizer.vocab_size,
+                                    remat=remat_layers or bool(m["decoder"].get("remat", False))),
       media_token_id=tokenizer.image_id, end_of_chunk_token_id=tokenizer.end_of_chunk_id)
 
 
 def bucket(config: ml_collections.ConfigDict) -> data_lib.Bucket:
+  if int(config.data.num_images) < 1:
+    raise ValueError(f"data.num_images={int(config.data.num_images)}; expected >= 1 (Flamingo reads images; "
+                     "0 means text only, which the `lm` family trains on)")
   return data_lib.Bucket(max_images=int(config.data.num_images), text_length=int(config.data.text_length),
                          image_size=int(config.data.image_size))
-
-
-def parse_mixture(spec: str) -> dict[str, float] | str | None:
-  """"interleaved:1,qa:1" -> {"interleaved": 1.0, "qa": 1.0}; "" -> the default; "sqrt" as is."""
-  spec = spec.strip()
-  if not spec:
-    return None
-  if spec == "sqrt":
-    return spec
-  out = {}
-  for part in spec.split(","):
-    if ":" not in part:
-      raise ValueError(f"data.mixture part {part!r} must look like 'name:weight'")
-    name, w = part.split(":", 1)
-    out[name.strip()] = float(w)
-  return out
 
 
 class Model:
@@ -158,6 +89,31 @@ class Model:
                              batch["image_mask"])
 
 
+def adopt_params(params: dict, family: str, other: dict) -> dict:
+  """Flamingo params with an `lm` run's LM as the decoder (the cross-attention layers, vision
+  tower and resampler keep their fresh init). ValueError naming what does not fit."""
+  if family != "lm":
+    raise ValueError(f"a Flamingo run can start from an 'lm' run's checkpoint; got one of family {family!r}")
+  mine, theirs = params["decoder"], other["decoder"]
+  missing = sorted(set(mine) - set(theirs) - {k for k in mine if k.startswith("xattn")})
+  extra = sorted(set(theirs) - set(mine))
+  if "blocks" in mine or "blocks" in theirs:
+    if ("blocks" in mine) != ("blocks" in theirs):
+      raise ValueError("the lm run and this Flamingo differ in model.decoder.scan_layers; expected the same layout")
+    raise ValueError("starting a scanned Flamingo from an lm run is not supported (the scanned blocks interleave "
+                     "the cross-attention); train both with model.decoder.scan_layers=False")
+  if missing or extra:
+    raise ValueError(f"the lm run's decoder does not fit this Flamingo's: missing {missing}, unexpected {extra}; "
+                     "expected the same depth and embedding tying")
+  shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
+  bad = [k for k in theirs if shapes(theirs[k]) != shapes(mine[k])]
+  if bad:
+    first = bad[0]
+    raise ValueError(f"the lm run's decoder has other shapes at {bad} (e.g. {first}: {shapes(theirs[first])} vs "
+                     f"{shapes(mine[first])}); expected model.decoder equal to the lm run's")
+  return {**params, "decoder": {**mine, **{k: jax.tree.map(jnp.asarray, v) for k, v in theirs.items()}}}
+
+
 def example_batch(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer, batch_size: int = 1) -> dict:
   """A valid all-padding batch of the config's bucket (for init and shapes)."""
   b = bucket(config)
@@ -172,15 +128,15 @@ def example_batch(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokeniz
 def flamingo_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> base.Task:
   """The loop's Task for `config`; with `workdir`, on the tokenizer that work directory
   trains with (`tokenizer_file`)."""
-  tokenizer_bytes = _read_tokenizer(config, workdir)
+  tokenizer_bytes = common.read_tokenizer(config, workdir)
   tokenizer = data_lib.Tokenizer(tokenizer_bytes)
   cfg = model_config(config, tokenizer)
   model = Model(cfg, example_batch(config, tokenizer), float(config.init.gate_value))
-  d, bk = data_dir(config), bucket(config)
+  d, bk = common.data_dir(config), bucket(config)
   # data.batch_size is the global batch; each process reads its rows (or all of them).
   bsz = base.process_batch_size(config)
   by_process = bool(config.data.get("shard_by_process", True))
-  mixture = parse_mixture(str(config.data.mixture))
+  mixture = common.parse_mixture(str(config.data.mixture))
   max_bad = int(config.data.get("max_consecutive_bad_records",
                                 data_lib.pipeline.DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS))
 
@@ -198,5 +154,7 @@ def flamingo_task(config: ml_collections.ConfigDict, workdir: str | None = None)
   return base.Task(init_params=model.init, apply_fn=model.apply, param_labels=flamingo.param_labels,
                    train_data=train_data, val_data=val_data,
                    flops_per_example=lambda trainable: flops_lib.train_flops_per_example(fwd, trainable),
-                   boxed_params=model.boxed, workdir_files=lambda: {TOKENIZER_COPY: tokenizer_bytes},
+                   boxed_params=model.boxed, workdir_files=lambda: {common.TOKENIZER_COPY: tokenizer_bytes},
+                   tokenizer=tokenizer, data_dir=d, decoding=generation.decoding(cfg), takes_images=True,
+                   adopt_params=adopt_params, param_metrics=gates.gate_values,
                    components=flamingo.COMPONENTS)

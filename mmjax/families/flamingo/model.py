@@ -4,8 +4,9 @@ Dimension letters: B batch, N images, H/W pixels, P patches, L latents, Dv visio
 T text length, V vocabulary.
 
 Top-level parameters: ``vision`` (a ``VisionTransformer``), ``resampler`` (a
-``PerceiverResampler``), ``decoder`` (a ``Decoder``, whose ``xattn_{i}`` modules are the
-gated cross-attention layers). :func:`param_labels` names each parameter's component so
+``PerceiverResampler``), ``decoder`` (a ``Decoder`` with ``XAttnInsert`` inserted before every
+``cross_attn_every_n_layers``-th layer: its ``xattn_{i}`` modules, or ``blocks/xattn`` when
+scanned, are the gated cross-attention layers). :func:`param_labels` names each parameter's component so
 that training can freeze any set of them (optax masks).
 
 Input checks (:func:`validate_inputs`): shapes, ranks and dtypes are checked always;
@@ -25,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import sharding as sh
-from mmjax.models.decoder import Decoder, DecoderConfig
+from mmjax.models import scan_layout
+from mmjax.models.decoder import Decoder, DecoderConfig, init_decoder_cache
+from mmjax.models.gated_xattn import GatedXAttnConfig, GatedXAttnDense
 from mmjax.models.perceiver import PerceiverConfig
 from mmjax.models.vit import ViTConfig
 
@@ -34,11 +37,98 @@ from mmjax.models.vit import ViTConfig
 class FlamingoConfig:
   vision: ViTConfig = ViTConfig()
   resampler: PerceiverConfig = PerceiverConfig()
-  decoder: DecoderConfig = DecoderConfig(cross_attn_every_n_layers=4)
+  decoder: DecoderConfig = DecoderConfig()
   # Token id of <image>; image_index = cumsum(input_ids == media_token_id).
   media_token_id: int = 32000
   # Token id of <|endofchunk|>.
   end_of_chunk_token_id: int = 32001
+  # A GatedXAttnDense before every n-th LM layer (layers n-1, 2n-1, ... as in
+  # open_flamingo); 0 for none (the plain LM).
+  cross_attn_every_n_layers: int = 4
+  # Shape of each GatedXAttnDense (its width is the decoder's, its media width the
+  # resampler's).
+  xattn_num_heads: int = 8
+  xattn_head_dim: int = 64
+  xattn_ff_mult: int = 4
+  # True: a token sees only the latents of the last image before it.
+  only_attend_immediate_media: bool = True
+
+
+# Fields that sat in DecoderConfig before the decoder became family-neutral (work
+# directories and checkpoints written then record them under `model.decoder`).
+MOVED_DECODER_FIELDS = ("cross_attn_every_n_layers", "xattn_num_heads", "xattn_head_dim", "xattn_ff_mult",
+                        "only_attend_immediate_media", "media_width")
+
+
+def upgrade_model_dict(model: dict) -> dict:
+  """A recorded `config.model` dict in today's layout: the cross-attention fields that an
+  older DecoderConfig held move up to FlamingoConfig (`media_width` is the resampler's
+  width and goes; a differing one is refused, as the model would have been)."""
+  decoder = dict(model.get("decoder", {}))
+  moved = {k: decoder.pop(k) for k in MOVED_DECODER_FIELDS if k in decoder}
+  if not moved:
+    return model
+  media_width = moved.pop("media_width", None)
+  width = model.get("resampler", {}).get("width")
+  if media_width is not None and moved.get("cross_attn_every_n_layers") and media_width != width:
+    raise ValueError(f"model.decoder.media_width={media_width} differs from model.resampler.width={width}; "
+                     "expected them equal (the cross-attention reads the resampler's latents)")
+  return {**model, **moved, "decoder": decoder}
+
+
+def xattn_config(config: FlamingoConfig) -> GatedXAttnConfig:
+  """The GatedXAttnConfig of the model's cross-attention layers."""
+  d = config.decoder
+  return GatedXAttnConfig(
+      width=d.width, media_width=config.resampler.width, num_heads=config.xattn_num_heads,
+      head_dim=config.xattn_head_dim, ff_mult=config.xattn_ff_mult,
+      only_attend_immediate_media=config.only_attend_immediate_media, dtype=d.dtype,
+      attention_backend=d.attention_backend)
+
+
+class XAttnInsert(GatedXAttnDense):
+  """A GatedXAttnDense as the decoder's insert: ``side`` = {"image_index", "media"}, state =
+  its media keys/values (``prepare(media)``), or None to compute them from side's media."""
+
+  def prepare(self, media: jax.Array) -> dict:
+    return self.compute_media_kv(media)
+
+  def __call__(self, x: jax.Array, side: dict, state: dict | None = None) -> jax.Array:  # pylint: disable=arguments-differ
+    if state is not None:
+      return super().__call__(x, side["image_index"], media_kv=state)
+    return super().__call__(x, side["image_index"], media=side["media"])
+
+
+def insert(config: FlamingoConfig) -> scan_layout.Insert:
+  """Where the cross-attention layers go in the decoder, and how to build one."""
+  if config.cross_attn_every_n_layers < 0:
+    raise ValueError(f"cross_attn_every_n_layers={config.cross_attn_every_n_layers}; expected >= 0 "
+                     "(0: no cross-attention)")
+  return scan_layout.Insert("xattn", config.cross_attn_every_n_layers, XAttnInsert, (xattn_config(config),))
+
+
+def xattn_layer_indices(config: FlamingoConfig) -> tuple[int, ...]:
+  """The LM layers preceded by a GatedXAttnDense: i with (i + 1) % n == 0 (open_flamingo)."""
+  return scan_layout.insert_layer_indices(config.decoder.depth, insert(config))
+
+
+def scan_plan(config: FlamingoConfig) -> scan_layout.ScanPlan:
+  return scan_layout.scan_plan(config.decoder.depth, insert(config))
+
+
+def stack_layers(params, config: FlamingoConfig):
+  """Unrolled Flamingo (or its decoder's) params -> the ``scan_layers`` layout."""
+  return scan_layout.stack_layers(params, config.decoder.depth, insert(config))
+
+
+def unstack_layers(params, config: FlamingoConfig):
+  """The ``scan_layers`` layout -> unrolled params (exact inverse of ``stack_layers``)."""
+  return scan_layout.unstack_layers(params, config.decoder.depth, insert(config))
+
+
+def init_cache(config: FlamingoConfig, batch: int, length: int) -> dict:
+  """An empty self-attention cache for the model's decoder."""
+  return init_decoder_cache(config.decoder, batch, length, insert(config))
 
 
 LABELS = ("vision", "resampler", "xattn", "lm")
@@ -126,16 +216,12 @@ class Flamingo(nn.Module):
     from mmjax.models.perceiver import PerceiverResampler  # pylint: disable=g-import-not-at-top
     from mmjax.models.vit import VisionTransformer  # pylint: disable=g-import-not-at-top
     c = self.config
-    if c.decoder.cross_attn_every_n_layers and c.decoder.media_width != c.resampler.width:
-      raise ValueError(
-          f"decoder.media_width={c.decoder.media_width} differs from resampler.width="
-          f"{c.resampler.width}; the cross-attention reads the resampler's latents")
     if c.resampler.width != c.vision.width:
       raise ValueError(
           f"resampler.width={c.resampler.width} differs from vision.width={c.vision.width}")
     self.vision = VisionTransformer(c.vision)
     self.resampler = PerceiverResampler(c.resampler)
-    self.decoder = Decoder(c.decoder)
+    self.decoder = Decoder(c.decoder, insert(c))
 
   def encode_images(self, images: jax.Array) -> jax.Array:
     """Float[B, N, L, Dv] latents from images UInt8/Float[B, N, H, W, 3].
@@ -156,7 +242,7 @@ class Flamingo(nn.Module):
 
   def compute_media_kv(self, images: jax.Array) -> dict:
     """Every cross-attention layer's media keys/values for images [B, N, H, W, 3]."""
-    return self.decoder.compute_media_kv(self.encode_images(images))
+    return self.decoder.prepare_inserts(self.encode_images(images))
 
   def decode(
       self,
@@ -168,8 +254,8 @@ class Flamingo(nn.Module):
       cache: dict | None = None,
   ) -> tuple[jax.Array, dict | None]:
     """The decoder over precomputed media keys/values: (logits [B, T, V], new cache)."""
-    return self.decoder(input_ids, image_index=image_index, media_kv=media_kv,
-                        positions=positions, cache=cache)
+    return self.decoder(input_ids, side={"image_index": image_index, "media": None},
+                        insert_state=media_kv, positions=positions, cache=cache)
 
   def __call__(
       self,
@@ -191,7 +277,7 @@ class Flamingo(nn.Module):
     if image_index is None:
       image_index = image_index_from_ids(input_ids, self.config.media_token_id)
     media = self.encode_images(images)
-    logits, _ = self.decoder(input_ids, image_index=image_index, media=media)
+    logits, _ = self.decoder(input_ids, side={"image_index": image_index, "media": media})
     return logits
 
 

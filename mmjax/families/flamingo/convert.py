@@ -12,7 +12,7 @@ holds (torch layouts; see each converter's docstring):
   :func:`open_clip_visual_to_hf` (``proj``, the pooled projection Flamingo never uses, is
   dropped).
 - ``perceiver.*`` and ``lang_encoder.gated_cross_attn_layers.{i}.*``: the bridge, read by
-  ``mmjax.convert.open_flamingo``.
+  ``mmjax.families.flamingo.convert_bridge``.
 - ``lang_encoder.*``: the LM. After ``FlamingoLMMixin.init_flamingo`` each decoder layer is
   wrapped in a ``FlamingoLayer``, so layer i's weights appear as
   ``lang_encoder.model.layers.{i}.decoder_layer.*`` and again, the same tensors, as
@@ -38,10 +38,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from mmjax.convert import hf_llama, hf_vision
-from mmjax.convert import open_flamingo as of_convert
 from mmjax.convert.state_dict import to_numpy
-from mmjax.models.decoder import stack_layers, xattn_config, xattn_layer_indices
-from mmjax.models.flamingo import FlamingoConfig
+from mmjax.families.flamingo import convert_bridge as of_convert
+from mmjax.families.flamingo.model import FlamingoConfig, stack_layers, xattn_config, xattn_layer_indices
 
 VISION_PREFIX = "vision_encoder."
 LM_PREFIX = "lang_encoder."
@@ -136,7 +135,7 @@ def flamingo_from_state_dict(
 
   Returns a plain dict {"vision", "resampler", "decoder"} with the tree structure of
   ``nn.unbox(Flamingo(config).init(...)["params"])`` (the decoder's layers stacked when
-  ``config.decoder.scan_layers``, see ``mmjax.models.decoder.stack_layers``).
+  ``config.decoder.scan_layers``, see ``mmjax.models.scan_layout``).
   """
   consumed: set[str] = set()
   if VISION_PREFIX + "conv1.weight" in sd:  # open_clip layout
@@ -155,11 +154,11 @@ def flamingo_from_state_dict(
 
   resampler = of_convert.perceiver_from_state_dict(sd, config.resampler, used=consumed)
 
-  indices = xattn_layer_indices(config.decoder)
+  indices = xattn_layer_indices(config)
   xattn = {}
   if indices:
     xattn = of_convert.gated_xattn_layers_from_state_dict(
-        sd, xattn_config(config.decoder), layer_indices=indices,
+        sd, xattn_config(config), layer_indices=indices,
         decoder_layers_prefix=LM_PREFIX + "model.layers.", used=consumed)
 
   if lm_state_dict is None:
@@ -184,5 +183,5 @@ def flamingo_from_state_dict(
         + ", ".join(unexpected))
   decoder = {**lm, **xattn}
   if config.decoder.scan_layers:
-    decoder = stack_layers(decoder, config.decoder)
+    decoder = stack_layers(decoder, config)
   return {"vision": vision, "resampler": resampler, "decoder": decoder}

@@ -3,12 +3,12 @@
 The ``perceiver.*`` and ``lang_encoder.gated_cross_attn_layers.*`` parts of an
 ``open_flamingo.src.flamingo.Flamingo`` state_dict (torch tensors or numpy arrays). The vision
 tower and the LM are converted by ``mmjax.convert.hf_vision`` / ``hf_llama``, and
-``mmjax.convert.flamingo`` assembles the whole model, calling:
+``mmjax.families.flamingo.convert`` assembles the whole model, calling:
 
   used = set()
   resampler = perceiver_from_state_dict(sd, perceiver_config, used=used)
   xattn = gated_xattn_layers_from_state_dict(
-      sd, xattn_config, layer_indices=decoder.xattn_layer_indices(decoder_config),
+      sd, xattn_config, layer_indices=model.xattn_layer_indices(config),
       decoder_layers_prefix="lang_encoder.model.layers.", used=used)
   # -> {"xattn_3": params, "xattn_7": params, ...}, to merge into the decoder params.
   unexpected = set(sd) - used - <keys consumed by the other converters>
@@ -168,7 +168,7 @@ def gated_xattn_layers_from_state_dict(
 ) -> dict:
   """Every gated cross-attention block of a Flamingo LM -> {"xattn_{i}": params}.
 
-  ``layer_indices``: the LM layers that carry a block (``decoder.xattn_layer_indices``: i with
+  ``layer_indices``: the LM layers that carry a block (``model.xattn_layer_indices``: i with
   (i + 1) % cross_attn_every_n_layers == 0, as ``FlamingoLMMixin.init_flamingo``). Block i is
   read from ``{prefix}{i}.``, or from its alias ``{decoder_layers_prefix}{i}.gated_cross_attn_layer.``
   when the first is absent; the alias keys are marked used either way (pass
