@@ -27,7 +27,7 @@ def test_every_registered_family_is_complete_and_its_abstract_model_has_only_its
         assert getattr(family, field.name) is not None, (name, field.name)
     presets = family.presets()
     assert presets and all(isinstance(c, family.config_class) for c in presets.values())
-  for shipped, family in (("flamingo/tiny", "flamingo"),):
+  for shipped, family in (("flamingo/tiny", "flamingo"), ("lm/tiny", "lm")):
     config = config_lib.load_config(shipped)
     assert families.of_config(config).name == family
     model = families.of_config(config).abstract(config)
