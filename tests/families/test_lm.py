@@ -139,3 +139,21 @@ def test_flamingo_starts_from_an_lm_runs_checkpoint_with_its_lm_bitwise(data_dir
   with pytest.raises(ValueError, match=r"does not fit this Flamingo's: missing \['layers_2', 'layers_3'\]"):
     pretrained.adopt(config, task, task.init_params(jax.random.key(0)))
   del loop
+
+
+def test_the_staged_recipe_starts_from_an_lm_run_and_never_trains_its_lm():
+  from mmjax.train import optimizer
+  config = config_lib.load_config("flamingo/staged")
+  assert config.init.from_workdir == "work/lm-tiny"
+  stages = optimizer.parse_stages(str(config.freeze.stages), families.of_config(config).components)
+  assert all("lm" not in s.trainable for s in stages)
+  assert stages[-1].trainable == frozenset({"resampler", "xattn"})  # the vision tower frozen too
+
+
+def test_a_missing_pretrained_run_is_an_error_saying_how_to_make_it(tmp_path, data_dir):
+  from mmjax.train import pretrained
+  config = config_lib.load_config("flamingo/staged", [f"--config.data.dir={data_dir}",
+                                                      f"--config.init.from_workdir={tmp_path / 'none'}"])
+  task = families.of_config(config).task(config, None)
+  with pytest.raises(ValueError, match=r"is not a directory; .*configs/lm/tiny.py"):
+    pretrained.adopt(config, task, {})
