@@ -103,8 +103,10 @@ def _code_mentions(path: str, word: str):
       first = node.body[0]
       if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
         docstrings.add(first.lineno)
+  # Python 3.12 splits f-strings into FSTRING_* tokens; 3.11 has them as STRING.
+  kinds = {tokenize.NAME, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
   for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-    if tok.type in (tokenize.NAME, tokenize.STRING) and word in tok.string.lower() and tok.start[0] not in docstrings:
+    if tok.type in kinds and word in tok.string.lower() and tok.start[0] not in docstrings:
       yield tok.start[0], tok.string
 
 

@@ -40,7 +40,7 @@ def adopt(config: ml_collections.ConfigDict, task: Task, params: Any) -> Any:
                      "parameters; expected an empty init.from_workdir")
   if not os.path.isdir(src):
     raise ValueError(f"config.init.from_workdir={src!r} is not a directory; expected a work directory "
-                     "written by `mmjax train` (train that run first: configs/flamingo/staged.py starts from "
+                     "written by `mmjax train` (train that run first; the shipped staged recipe starts from "
                      "`mmjax train --config configs/lm/tiny.py --workdir work/lm-tiny`)")
   other_config = config_lib.read_resolved(src)
   other_family = families.of_config(other_config)
