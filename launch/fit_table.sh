@@ -33,6 +33,11 @@ row() {
     9b-v5e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5e:2x2 --batch 8 "${RECIPE[@]}" ;;
     9b-v5p)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5p:2x2x1 --batch 8 "${RECIPE[@]}" ;;
     9b-v6e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v6e:2x2 --batch 8 "${RECIPE[@]}" ;;
+    # The lm family: its tiny config as shipped, and LLaMA-7B trained whole (every parameter
+    # with Adam state) at 2048 tokens.
+    lm-tiny) "$MMJAX" compile --config configs/lm/tiny.py --topology v5e:2x2 --json "$OUT" ;;
+    lm-7b-v5p) "$MMJAX" compile --config configs/lm/tiny.py --preset llama-7b --topology v5p:2x2x1 --batch 8 \
+                 --length 2048 --dtype bfloat16 --remat layers --scan-layers --json "$OUT" ;;
     # v5e: every chip holds a whole 7-layer block's gathered weights (about 12G of
     # temporaries whatever the slice), so 80B needs 128 chips for the state to fit beside.
     80b-v5e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x16 --batch 256 "${RECIPE[@]}" ;;
