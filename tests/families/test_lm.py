@@ -63,6 +63,11 @@ def test_lm_train_then_eval_then_generate_then_compile_work_from_the_shipped_con
       break
   assert printed == tok.decode(ids[start:]).split("<|endofchunk|>")[0].strip()
 
+  # Its curves: the loss panel only (an lm logs no gates).
+  from PIL import Image
+  assert cli.plot_main([f"--workdir={wd}", f"--out={tmp_path / 'c.png'}"]) == 0
+  assert Image.open(tmp_path / "c.png").size == (600, 450)
+
   # An image is refused: the family reads none.
   assert cli.generate_main([f"--workdir={wd}", "--prompt=<image>hi", "--image=x.png"]) == 2
   assert "reads no images" in capsys.readouterr().err
