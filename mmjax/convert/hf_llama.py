@@ -1,4 +1,5 @@
-"""HF ``LlamaForCausalLM`` state_dicts and ``.safetensors`` files -> ``Decoder`` params.
+"""HF ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM``: LLaMA with q/k/v biases) state_dicts and
+``.safetensors`` files -> ``Decoder`` params.
 
 Key layout (``transformers`` LLaMA; torch ``nn.Linear`` weights are [out, in]):
 
@@ -49,7 +50,7 @@ def llama_layer_from_state_dict(r: StateDictReader, prefix: str, config: Decoder
   d, h, g, k, f = c.width, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
   a = prefix + "self_attn."
   m = prefix + "mlp."
-  return {
+  layer = {
       "attn_norm": {"scale": r.get(prefix + "input_layernorm.weight", (d,))},
       "attn": {
           "query": {"kernel": _reshape(r.linear(a + "q_proj.weight", h * k, d), (d, h, k))},
@@ -64,6 +65,14 @@ def llama_layer_from_state_dict(r: StateDictReader, prefix: str, config: Decoder
           "down_proj": {"kernel": r.linear(m + "down_proj.weight", d, f)},
       },
   }
+  attn = layer["attn"]
+  if c.attention_bias:  # Qwen2; LLaMA with attention_bias=True
+    attn["query"]["bias"] = _reshape(r.get(a + "q_proj.bias", (h * k,)), (h, k))
+    attn["key"]["bias"] = _reshape(r.get(a + "k_proj.bias", (g * k,)), (g, k))
+    attn["value"]["bias"] = _reshape(r.get(a + "v_proj.bias", (g * k,)), (g, k))
+  if c.attention_out_bias:
+    attn["out"]["bias"] = r.get(a + "o_proj.bias", (d,))
+  return layer
 
 
 def llama_from_state_dict(
@@ -130,9 +139,13 @@ def config_from_hf_llama(hf_config: Mapping[str, Any] | Any, **overrides) -> Dec
   if rope_type not in ("default", None) or (scaling and scaling.get("rope_type", "default") != "default"):
     raise ValueError(f"rope_type={rope_type!r} (rope_scaling={scaling}) is not supported;"
                      " expected the default RoPE")
-  for flag in ("attention_bias", "mlp_bias"):
-    if cfg.get(flag):
-      raise ValueError(f"{flag}=True is not supported by the LLaMA-style decoder; expected False")
+  if cfg.get("mlp_bias"):
+    raise ValueError("mlp_bias=True is not supported by the SwiGLU decoder; expected False")
+  if cfg.get("use_sliding_window") or (cfg.get("model_type") == "mistral" and cfg.get("sliding_window")):
+    raise ValueError(f"sliding_window={cfg.get('sliding_window')} is not supported yet; expected "
+                     "use_sliding_window=False")
+  # Qwen2 biases q, k and v (not o); LLaMA's attention_bias biases all four.
+  qwen2 = cfg.get("model_type") == "qwen2"
   if cfg.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={cfg['hidden_act']!r}; expected 'silu' (SwiGLU)")
   heads = cfg["num_attention_heads"]
@@ -148,6 +161,8 @@ def config_from_hf_llama(hf_config: Mapping[str, Any] | Any, **overrides) -> Dec
       norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
       max_length=int(cfg.get("max_position_embeddings", 2048)),
+      attention_bias=qwen2 or bool(cfg.get("attention_bias", False)),
+      attention_out_bias=(not qwen2) and bool(cfg.get("attention_bias", False)),
   )
   return dataclasses.replace(DecoderConfig(**fields), **overrides)
 

@@ -29,6 +29,13 @@ def replace_fields(cls, values: ml_collections.ConfigDict | dict, where: str, **
   return cls(**values)
 
 
+def with_new_fields(cls, values: dict) -> dict:
+  """`values` (a recorded dataclass dict) with the fields `cls` gained since it was recorded
+  set to their defaults, which reproduce the behaviour from before they existed."""
+  defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+  return {**{k: v for k, v in defaults.items() if k not in values}, **values}
+
+
 def data_dir(config: ml_collections.ConfigDict) -> str:
   return os.path.abspath(os.path.expanduser(str(config.data.dir) or data_lib.default_data_dir()))
 

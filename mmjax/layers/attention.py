@@ -44,6 +44,9 @@ class Attention(nn.Module):
   out_bias: bool | None = None
   # RoPE base frequency, or None for no rotary embedding.
   rope_theta: float | None = None
+  # The leading fraction of each head's dimensions that RoPE rotates (GPT-NeoX's
+  # rotary_pct, Phi's partial_rotary_factor); the rest pass through.
+  rotary_fraction: float = 1.0
   dtype: str = "float32"
   backend: str | None = None
 
@@ -66,8 +69,8 @@ class Attention(nn.Module):
     key = dense((g, k), ("embed", "kv_heads", "kv"), use_bias=self.use_bias, dtype=self.dtype, name="key")(x)
     value = dense((g, k), ("embed", "kv_heads", "kv"), use_bias=self.use_bias, dtype=self.dtype, name="value")(x)
     if self.rope_theta is not None:
-      q = rope(q, positions, self.rope_theta)
-      key = rope(key, positions, self.rope_theta)
+      q = _partial_rope(q, positions, self.rope_theta, self.rotary_fraction)
+      key = _partial_rope(key, positions, self.rope_theta, self.rotary_fraction)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
     key_positions = positions
@@ -93,6 +96,19 @@ class Attention(nn.Module):
     y = dense(d, ("heads", "kv", "embed"), axis=(-2, -1), use_bias=out_bias, dtype=self.dtype,
               name="out")(out)
     return y, cache
+
+
+def _partial_rope(x: jax.Array, positions: jax.Array, theta: float, fraction: float) -> jax.Array:
+  """RoPE over the first round(fraction * K) dimensions of x [B, T, H, K] (the frequencies are
+  those of a head of that many dimensions, as HF's partial rotary computes them)."""
+  k = x.shape[-1]
+  rot = int(round(fraction * k))
+  if rot == k:
+    return rope(x, positions, theta)
+  if rot % 2 or not 0 < rot < k:
+    raise ValueError(f"rotary_fraction={fraction} of head dim {k} rotates {rot} dimensions; expected an even "
+                     f"number in (0, {k}]")
+  return jnp.concatenate([rope(x[..., :rot], positions, theta), x[..., rot:]], axis=-1)
 
 
 def _write_cache(cache: dict, key: jax.Array, value: jax.Array, positions: jax.Array) -> dict:

@@ -46,8 +46,8 @@ import jax.numpy as jnp
 from mmjax.layers.attention import Attention, init_cache
 from mmjax.layers.embed import Embed
 from mmjax.layers.linear import dense
-from mmjax.layers.mlp import SwiGLU
-from mmjax.layers.norms import RMSNorm
+from mmjax.layers.mlp import Mlp, SwiGLU
+from mmjax.layers.norms import LayerNorm, RMSNorm
 from mmjax.models.scan_layout import Insert, ScanPlan, insert_layer_indices, scan_plan, stack
 
 
@@ -73,11 +73,56 @@ class DecoderConfig:
   # Rematerialise each LM layer in the backward pass (saves activation memory when
   # training; no effect on the forward values).
   remat: bool = False
+  # The LM variants (issue 15): defaults are LLaMA's. GPT-NeoX is norm="layer",
+  # mlp="gelu", mlp_bias, attention_bias, attention_out_bias, parallel_residual,
+  # rotary_fraction=0.25; Qwen2 is LLaMA with attention_bias.
+  # "rms" (RMSNorm, no bias) or "layer" (LayerNorm with bias), for every norm.
+  norm: str = "rms"
+  # "swiglu" (gate_proj, up_proj, down_proj) or the activation of a two-layer MLP (fc1,
+  # fc2): "gelu", "gelu_tanh", "relu", "quick_gelu".
+  mlp: str = "swiglu"
+  # Biases on the two-layer MLP's projections (SwiGLU has none).
+  mlp_bias: bool = False
+  # Biases on the query/key/value projections (Qwen2, GPT-NeoX), and on the output
+  # projection (GPT-NeoX; Qwen2 has none).
+  attention_bias: bool = False
+  attention_out_bias: bool = False
+  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, with its two norms) instead of the
+  # sequential pre-norm residual.
+  parallel_residual: bool = False
+  # The leading fraction of each head's dimensions RoPE rotates (GPT-NeoX's rotary_pct).
+  rotary_fraction: float = 1.0
   # Run the layers under flax.linen.scan (blocks of LM layers, an insert before each
   # block's last layer): the compiled program holds one block body instead of depth
   # copies, so big models compile in minutes. Changes the parameter layout
   # (mmjax.models.scan_layout: stack_layers/unstack_layers convert).
   scan_layers: bool = False
+
+
+NORMS = ("rms", "layer")
+MLPS = ("swiglu", "gelu", "gelu_tanh", "relu", "quick_gelu")
+
+
+def check_config(config: DecoderConfig) -> None:
+  """Raises ValueError naming a field whose value the decoder does not support."""
+  if config.norm not in NORMS:
+    raise ValueError(f"DecoderConfig.norm={config.norm!r}; expected one of {NORMS}")
+  if config.mlp not in MLPS:
+    raise ValueError(f"DecoderConfig.mlp={config.mlp!r}; expected one of {MLPS}")
+  if config.mlp == "swiglu" and config.mlp_bias:
+    raise ValueError("DecoderConfig.mlp_bias=True with mlp='swiglu'; expected a two-layer mlp (e.g. 'gelu') "
+                     "for biases")
+  rot = config.rotary_fraction * config.head_dim
+  if not 0.0 < config.rotary_fraction <= 1.0 or abs(rot - round(rot)) > 1e-9 or round(rot) % 2:
+    raise ValueError(f"DecoderConfig.rotary_fraction={config.rotary_fraction} of head_dim={config.head_dim}; "
+                     "expected a fraction in (0, 1] that rotates an even number of dimensions")
+
+
+def _norm(config: DecoderConfig, wrap, name: str | None = None) -> nn.Module:
+  kwargs = {} if name is None else {"name": name}
+  if config.norm == "layer":
+    return wrap(LayerNorm)(eps=config.norm_eps, dtype=config.dtype, **kwargs)
+  return wrap(RMSNorm)(eps=config.norm_eps, dtype=config.dtype, **kwargs)
 
 
 def init_decoder_cache(config: DecoderConfig, batch: int, length: int, insert: Insert | None = None) -> dict:
@@ -133,14 +178,20 @@ class DecoderLayer(nn.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None):
     c = self.config
     tie = (lambda cls: _read_after(x, cls)) if self.weights_after_input else (lambda cls: cls)
-    h = tie(RMSNorm)(eps=c.norm_eps, dtype=c.dtype, name="attn_norm")(x)
+    h = _norm(c, tie, "attn_norm")(x)
     h, cache = tie(Attention)(
-        num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads,
-        rope_theta=c.rope_theta, dtype=c.dtype, backend=c.attention_backend, name="attn",
+        num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads, use_bias=c.attention_bias,
+        out_bias=c.attention_out_bias,
+        rope_theta=c.rope_theta, rotary_fraction=c.rotary_fraction, dtype=c.dtype, backend=c.attention_backend,
+        name="attn",
     )(h, causal=True, positions=positions, cache=cache)
-    x = x + h
-    h = tie(RMSNorm)(eps=c.norm_eps, dtype=c.dtype, name="mlp_norm")(x)
-    x = x + tie(SwiGLU)(mlp_dim=c.mlp_dim, dtype=c.dtype, name="mlp")(h)
+    # Parallel: the MLP reads the layer's input, not the attention's output.
+    mlp_in = _norm(c, tie, "mlp_norm")(x if c.parallel_residual else x + h)
+    if c.mlp == "swiglu":
+      m = tie(SwiGLU)(mlp_dim=c.mlp_dim, dtype=c.dtype, name="mlp")(mlp_in)
+    else:
+      m = tie(Mlp)(mlp_dim=c.mlp_dim, activation=c.mlp, use_bias=c.mlp_bias, dtype=c.dtype, name="mlp")(mlp_in)
+    x = x + h + m
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, cache
 
@@ -241,7 +292,8 @@ class Decoder(nn.Module):
       for i in insert_layer_indices(c.depth, self.insert):
         # Named {name}_{i}: i is the LM layer it precedes.
         setattr(self, f"{self.insert.name}_{i}", self.insert.module(*self.insert.args))
-    self.norm = RMSNorm(eps=c.norm_eps, dtype=c.dtype)
+    check_config(c)
+    self.norm = _norm(c, lambda cls: cls)
     if not c.tie_embeddings:
       self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=c.dtype)
 

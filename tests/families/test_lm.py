@@ -162,3 +162,30 @@ def test_a_missing_pretrained_run_is_an_error_saying_how_to_make_it(tmp_path, da
   task = families.of_config(config).task(config, None)
   with pytest.raises(ValueError, match=r"is not a directory; .*configs/lm/tiny.py"):
     pretrained.adopt(config, task, {})
+
+
+def test_a_gpt_neox_style_lm_trains_from_the_shipped_config_through_the_variant_fields(data_dir, tmp_path, capsys):
+  wd = str(tmp_path / "neox")
+  variant = ["--config.model.decoder.norm=layer", "--config.model.decoder.mlp=gelu",
+             "--config.model.decoder.mlp_bias=True", "--config.model.decoder.attention_bias=True",
+             "--config.model.decoder.parallel_residual=True", "--config.model.decoder.rotary_fraction=0.25",
+             "--config.model.decoder.tie_embeddings=False"]
+  assert cli.train_main([f"--config={LM}", f"--workdir={wd}", f"--config.data.dir={data_dir}", *SMALL, *variant]) == 0
+  assert "done at step 4" in capsys.readouterr().out
+  from mmjax.train import evaluate
+  _, _, _, params = evaluate.load(wd)
+  layer = params["decoder"]["layers_0"]
+  assert set(layer["mlp"]) == {"fc1", "fc2"} and "bias" in layer["attn"]["query"] and "bias" in layer["attn_norm"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("norm", "batch", r"DecoderConfig.norm='batch'; expected one of \('rms', 'layer'\)"),
+    ("mlp", "swish", r"DecoderConfig.mlp='swish'; expected one of"),
+    ("rotary_fraction", 0.3, r"rotary_fraction=0.3 of head_dim=32; expected a fraction in \(0, 1\] that rotates an even"),
+])
+def test_a_decoder_variant_the_decoder_does_not_support_is_a_value_error_naming_it(field, value, message):
+  import dataclasses
+  from mmjax.models.decoder import Decoder
+  cfg = dataclasses.replace(zoo.get("lm-tiny").decoder, **{field: value})
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(Decoder(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 4), jnp.int32))

@@ -52,3 +52,18 @@ def test_a_run_recorded_before_init_from_workdir_existed_resumes_under_todays_co
   old = _old_layout(current)
   del old["init"]["from_workdir"]
   workdir_lib.check_resume(str(tmp_path), old, current, allow_change=False)
+
+
+def test_decoder_fields_added_since_a_run_was_recorded_take_their_defaults(tmp_path):
+  """The LM variant fields (norm, mlp, biases, parallel residual, rotary fraction) are absent
+  from a config recorded before them; their defaults are the LLaMA decoder it trained."""
+  for shipped in ("flamingo/tiny", "lm/tiny"):
+    current = json.loads(config_lib.load_config(shipped).to_json_best_effort())
+    old = json.loads(json.dumps(current))
+    for key in ("norm", "mlp", "mlp_bias", "attention_bias", "parallel_residual", "rotary_fraction"):
+      del old["model"]["decoder"][key]
+    workdir_lib.check_resume(str(tmp_path), old, current, allow_change=False)
+    changed = json.loads(json.dumps(current))
+    changed["model"]["decoder"]["norm"] = "layer"
+    with pytest.raises(workdir_lib.ConfigChanged, match="model.decoder.norm: 'rms' -> 'layer'"):
+      workdir_lib.check_resume(str(tmp_path), old, changed, allow_change=False)

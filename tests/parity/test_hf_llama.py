@@ -60,3 +60,27 @@ def test_missing_unexpected_and_misshaped_keys_are_all_listed_in_one_error():
   assert "model.layers.1.mlp.up_proj.weight" in message
   assert "model.layers.0.self_attn.q_proj.bias" in message
   assert "model.norm.weight: shape (47,), expected (48,)" in message
+
+
+def test_qwen2_with_its_qkv_biases_gives_the_hf_logits():
+  """Qwen2 is LLaMA with biases on q, k and v (none on o): DecoderConfig.attention_bias."""
+  torch.manual_seed(3)
+  config = transformers.Qwen2Config(
+      vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+      num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+  model = transformers.Qwen2ForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("_proj.bias"):
+        p.copy_(0.5 * torch.randn_like(p))  # zero at init: give the test something to import
+  ours = hf_llama.config_from_hf_llama(model.config)
+  assert (ours.attention_bias, ours.attention_out_bias) == (True, False)
+  params = hf_llama.llama_from_state_dict(model.state_dict(), ours)
+  ids = np.random.default_rng(4).integers(0, 97, size=(2, 9)).astype(np.int32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(ids).long()).logits.numpy()
+  got, _ = Decoder(ours).apply({"params": params}, jnp.asarray(ids))
+  diff = float(np.max(np.abs(np.asarray(got) - want)))
+  print(f"max |logits - hf qwen2| = {diff:.2e}")
+  assert diff <= 1e-4

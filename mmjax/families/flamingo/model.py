@@ -64,10 +64,11 @@ def upgrade_model_dict(model: dict) -> dict:
   """A recorded `config.model` dict in today's layout: the cross-attention fields that an
   older DecoderConfig held move up to FlamingoConfig (`media_width` is the resampler's
   width and goes; a differing one is refused, as the model would have been)."""
-  decoder = dict(model.get("decoder", {}))
+  from mmjax.families import common  # pylint: disable=g-import-not-at-top
+  decoder = common.with_new_fields(DecoderConfig, dict(model.get("decoder", {})))
   moved = {k: decoder.pop(k) for k in MOVED_DECODER_FIELDS if k in decoder}
   if not moved:
-    return model
+    return {**model, "decoder": decoder}
   media_width = moved.pop("media_width", None)
   width = model.get("resampler", {}).get("width")
   if media_width is not None and moved.get("cross_attn_every_n_layers") and media_width != width:

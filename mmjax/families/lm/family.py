@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import ml_collections
 
-from mmjax.families import base
+from mmjax.families import base, common
 from mmjax.families.lm import convert
 from mmjax.families.lm import model as lm
 from mmjax.families.lm import presets as presets_lib
 from mmjax.families.lm import task as task_lib
+from mmjax.models.decoder import DecoderConfig
+
+
+def upgrade_model(model: dict) -> dict:
+  """A recorded `config.model`: decoder fields added since then take their defaults."""
+  return {**model, "decoder": common.with_new_fields(DecoderConfig, dict(model.get("decoder", {})))}
 
 
 def abstract(config: ml_collections.ConfigDict) -> base.AbstractModel:
@@ -26,4 +32,5 @@ def abstract(config: ml_collections.ConfigDict) -> base.AbstractModel:
 
 FAMILY = base.Family(name="lm", components=lm.COMPONENTS, config_class=lm.LMConfig, presets=presets_lib.presets,
                      task=task_lib.lm_task, abstract=abstract, override=presets_lib.override,
+                     upgrade_model=upgrade_model,
                      decoding=task_lib.decoding, importers={"hf_llama": convert.lm_from_state_dict})
