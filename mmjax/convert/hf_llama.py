@@ -1,5 +1,6 @@
-"""HF ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM``: LLaMA with q/k/v biases) state_dicts and
-``.safetensors`` files -> ``Decoder`` params.
+"""HF ``LlamaForCausalLM`` (and the LLaMA-layout ``Qwen2ForCausalLM``: q/k/v biases;
+``StableLmForCausalLM``: LayerNorms with biases, partial rotary, optional q/k/v biases)
+state_dicts and ``.safetensors`` files -> ``Decoder`` params.
 
 Key layout (``transformers`` LLaMA; torch ``nn.Linear`` weights are [out, in]):
 
@@ -44,6 +45,13 @@ def _reshape(x: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
   return None if x is None else x.reshape(shape)
 
 
+def _norm(r: StateDictReader, prefix: str, config: DecoderConfig) -> dict:
+  """RMSNorm ``{prefix}weight``, or (``norm="layer"``: StableLM) LayerNorm weight and bias."""
+  if config.norm == "layer":
+    return r.layer_norm(prefix, config.width)
+  return {"scale": r.get(prefix + "weight", (config.width,))}
+
+
 def llama_layer_from_state_dict(r: StateDictReader, prefix: str, config: DecoderConfig) -> dict:
   """One ``LlamaDecoderLayer`` (keys ``{prefix}self_attn.q_proj.weight`` ...) -> DecoderLayer params."""
   c = config
@@ -51,14 +59,14 @@ def llama_layer_from_state_dict(r: StateDictReader, prefix: str, config: Decoder
   a = prefix + "self_attn."
   m = prefix + "mlp."
   layer = {
-      "attn_norm": {"scale": r.get(prefix + "input_layernorm.weight", (d,))},
+      "attn_norm": _norm(r, prefix + "input_layernorm.", c),
       "attn": {
           "query": {"kernel": _reshape(r.linear(a + "q_proj.weight", h * k, d), (d, h, k))},
           "key": {"kernel": _reshape(r.linear(a + "k_proj.weight", g * k, d), (d, g, k))},
           "value": {"kernel": _reshape(r.linear(a + "v_proj.weight", g * k, d), (d, g, k))},
           "out": {"kernel": _reshape(r.linear(a + "o_proj.weight", d, h * k), (h, k, d))},
       },
-      "mlp_norm": {"scale": r.get(prefix + "post_attention_layernorm.weight", (d,))},
+      "mlp_norm": _norm(r, prefix + "post_attention_layernorm.", c),
       "mlp": {
           "gate_proj": {"kernel": r.linear(m + "gate_proj.weight", f, d)},
           "up_proj": {"kernel": r.linear(m + "up_proj.weight", f, d)},
@@ -109,7 +117,7 @@ def llama_from_state_dict(
       "embed": {"embedding": r.get(prefix + "model.embed_tokens.weight", (c.vocab_size, c.width))}}
   for i in range(c.depth):
     params[f"layers_{i}"] = llama_layer_from_state_dict(r, prefix + layer_template.format(i=i), c)
-  params["norm"] = {"scale": r.get(prefix + "model.norm.weight", (c.width,))}
+  params["norm"] = _norm(r, prefix + "model.norm.", c)
   head_key = prefix + "lm_head.weight"
   if c.tie_embeddings:
     if head_key in sd:
@@ -144,8 +152,13 @@ def config_from_hf_llama(hf_config: Mapping[str, Any] | Any, **overrides) -> Dec
   if cfg.get("use_sliding_window") or (cfg.get("model_type") == "mistral" and cfg.get("sliding_window")):
     raise ValueError(f"sliding_window={cfg.get('sliding_window')} is not supported yet; expected "
                      "use_sliding_window=False")
-  # Qwen2 biases q, k and v (not o); LLaMA's attention_bias biases all four.
+  # Qwen2 biases q, k and v (not o); LLaMA's attention_bias biases all four. StableLM:
+  # LayerNorms with biases, optional q/k/v biases, partial rotary.
   qwen2 = cfg.get("model_type") == "qwen2"
+  stablelm = cfg.get("model_type") == "stablelm"
+  if stablelm and (cfg.get("qk_layernorm") or cfg.get("use_parallel_residual")):
+    raise ValueError(f"StableLM with qk_layernorm={cfg.get('qk_layernorm')}, use_parallel_residual="
+                     f"{cfg.get('use_parallel_residual')} is not supported yet; expected both False")
   if cfg.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={cfg['hidden_act']!r}; expected 'silu' (SwiGLU)")
   heads = cfg["num_attention_heads"]
@@ -161,9 +174,12 @@ def config_from_hf_llama(hf_config: Mapping[str, Any] | Any, **overrides) -> Dec
       norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
       max_length=int(cfg.get("max_position_embeddings", 2048)),
-      attention_bias=qwen2 or bool(cfg.get("attention_bias", False)),
+      attention_bias=qwen2 or bool(cfg.get("attention_bias", False)) or bool(stablelm and cfg.get("use_qkv_bias")),
       attention_out_bias=(not qwen2) and bool(cfg.get("attention_bias", False)),
+      rotary_fraction=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor") or 1.0)),
   )
+  if stablelm:
+    fields.update(norm="layer", norm_eps=float(cfg.get("layer_norm_eps", 1e-5)))
   return dataclasses.replace(DecoderConfig(**fields), **overrides)
 
 

@@ -90,6 +90,11 @@ class DecoderConfig:
   # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, with its two norms) instead of the
   # sequential pre-norm residual.
   parallel_residual: bool = False
+  # With parallel_residual: 2 norms (GPT-NeoX: the MLP has its own), or 1 (Phi, StableLM:
+  # the MLP reads the attention's normed input; no mlp_norm parameters).
+  parallel_norms: int = 2
+  # A bias on the output projection (Phi).
+  lm_head_bias: bool = False
   # The leading fraction of each head's dimensions RoPE rotates (GPT-NeoX's rotary_pct).
   rotary_fraction: float = 1.0
   # Run the layers under flax.linen.scan (blocks of LM layers, an insert before each
@@ -112,6 +117,10 @@ def check_config(config: DecoderConfig) -> None:
   if config.mlp == "swiglu" and config.mlp_bias:
     raise ValueError("DecoderConfig.mlp_bias=True with mlp='swiglu'; expected a two-layer mlp (e.g. 'gelu') "
                      "for biases")
+  if config.parallel_norms not in (1, 2):
+    raise ValueError(f"DecoderConfig.parallel_norms={config.parallel_norms}; expected 1 or 2")
+  if config.lm_head_bias and config.tie_embeddings:
+    raise ValueError("DecoderConfig.lm_head_bias=True with tie_embeddings=True; expected an untied lm_head for a bias")
   rot = config.rotary_fraction * config.head_dim
   if not 0.0 < config.rotary_fraction <= 1.0 or abs(rot - round(rot)) > 1e-9 or round(rot) % 2:
     raise ValueError(f"DecoderConfig.rotary_fraction={config.rotary_fraction} of head_dim={config.head_dim}; "
@@ -178,15 +187,18 @@ class DecoderLayer(nn.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None):
     c = self.config
     tie = (lambda cls: _read_after(x, cls)) if self.weights_after_input else (lambda cls: cls)
-    h = _norm(c, tie, "attn_norm")(x)
+    attn_in = _norm(c, tie, "attn_norm")(x)
     h, cache = tie(Attention)(
         num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads, use_bias=c.attention_bias,
         out_bias=c.attention_out_bias,
         rope_theta=c.rope_theta, rotary_fraction=c.rotary_fraction, dtype=c.dtype, backend=c.attention_backend,
         name="attn",
-    )(h, causal=True, positions=positions, cache=cache)
-    # Parallel: the MLP reads the layer's input, not the attention's output.
-    mlp_in = _norm(c, tie, "mlp_norm")(x if c.parallel_residual else x + h)
+    )(attn_in, causal=True, positions=positions, cache=cache)
+    # Parallel: the MLP reads the layer's input (normed on its own, or as the attention's).
+    if c.parallel_residual and c.parallel_norms == 1:
+      mlp_in = attn_in
+    else:
+      mlp_in = _norm(c, tie, "mlp_norm")(x if c.parallel_residual else x + h)
     if c.mlp == "swiglu":
       m = tie(SwiGLU)(mlp_dim=c.mlp_dim, dtype=c.dtype, name="mlp")(mlp_in)
     else:
@@ -295,7 +307,7 @@ class Decoder(nn.Module):
     check_config(c)
     self.norm = _norm(c, lambda cls: cls)
     if not c.tie_embeddings:
-      self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=c.dtype)
+      self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=c.lm_head_bias, dtype=c.dtype)
 
   def _insert_at(self, i: int) -> nn.Module:
     return getattr(self, f"{self.insert.name}_{i}")

@@ -181,6 +181,7 @@ def test_a_gpt_neox_style_lm_trains_from_the_shipped_config_through_the_variant_
 @pytest.mark.parametrize("field, value, message", [
     ("norm", "batch", r"DecoderConfig.norm='batch'; expected one of \('rms', 'layer'\)"),
     ("mlp", "swish", r"DecoderConfig.mlp='swish'; expected one of"),
+    ("parallel_norms", 3, r"DecoderConfig.parallel_norms=3; expected 1 or 2"),
     ("rotary_fraction", 0.3, r"rotary_fraction=0.3 of head_dim=32; expected a fraction in \(0, 1\] that rotates an even"),
 ])
 def test_a_decoder_variant_the_decoder_does_not_support_is_a_value_error_naming_it(field, value, message):

@@ -84,3 +84,28 @@ def test_qwen2_with_its_qkv_biases_gives_the_hf_logits():
   diff = float(np.max(np.abs(np.asarray(got) - want)))
   print(f"max |logits - hf qwen2| = {diff:.2e}")
   assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["no-bias", "qkv-bias"])
+def test_stablelm_with_layernorms_and_partial_rotary_gives_the_hf_logits(qkv_bias):
+  torch.manual_seed(5)
+  config = transformers.StableLmConfig(
+      vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+      num_key_value_heads=2, max_position_embeddings=64, use_qkv_bias=qkv_bias, tie_word_embeddings=False)
+  model = transformers.StableLmForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("_proj.bias"):
+        p.add_(0.2 * torch.randn_like(p))
+  ours = hf_llama.config_from_hf_llama(model.config)
+  assert (ours.norm, ours.rotary_fraction, ours.attention_bias) == ("layer", 0.25, qkv_bias)
+  params = hf_llama.llama_from_state_dict(model.state_dict(), ours)
+  ids = np.random.default_rng(6).integers(0, 97, size=(2, 9)).astype(np.int32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(ids).long()).logits.numpy()
+  got, _ = Decoder(ours).apply({"params": params}, jnp.asarray(ids))
+  diff = float(np.max(np.abs(np.asarray(got) - want)))
+  print(f"max |logits - hf stablelm| = {diff:.2e} (qkv_bias={qkv_bias})")
+  assert diff <= 1e-4
+  with pytest.raises(ValueError, match="qk_layernorm=True"):
+    hf_llama.config_from_hf_llama({**model.config.to_dict(), "qk_layernorm": True})
