@@ -65,7 +65,7 @@ def test_train_eval_generate_plot_run_on_a_trained_workdir(data_dir, tmp_path, c
     x = np.asarray([ids], np.int32)
     batch = {"images": image[None, None], "input_ids": x, "image_mask": np.ones((1, 1), bool),
              "image_index": np.cumsum(x == tok.image_id, axis=1, dtype=np.int32)}
-    logits = np.asarray(task.apply_fn(params, batch))[0, -1]
+    logits = np.array(task.apply_fn(params, batch))[0, -1]  # a writable copy
     logits[tok.image_id] = -np.inf  # generation never samples <image>
     ids.append(int(np.argmax(logits)))
     if ids[-1] == tok.end_of_chunk_id:
