@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from mmjax import data as data_lib
+from mmjax.families import base
 
 
 def replace_fields(cls, values: ml_collections.ConfigDict | dict, where: str, **forced):
@@ -94,3 +95,27 @@ def parse_mixture(spec: str) -> dict[str, float] | str | None:
     name, w = part.split(":", 1)
     out[name.strip()] = float(w)
   return out
+
+
+def pipelines(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer, bucket: data_lib.Bucket):
+  """(train_data, val_data) for a Task: the data directory's pipelines in `bucket`, as
+  `config.data` says (mixture, workers, bad-record limit); `data.batch_size` is the global
+  batch, of which each process reads its rows (or all of them)."""
+  d = data_dir(config)
+  bsz = base.process_batch_size(config)
+  by_process = bool(config.data.get("shard_by_process", True))
+  mixture = parse_mixture(str(config.data.mixture))
+  max_bad = int(config.data.get("max_consecutive_bad_records",
+                                data_lib.pipeline.DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS))
+
+  def train_data():
+    return data_lib.make_pipeline(d, "train", batch_size=bsz, bucket=bucket, seed=int(config.seed), mixture=mixture,
+                                  num_workers=int(config.data.num_workers), tokenizer=tokenizer,
+                                  shard_by_jax_process=by_process, max_consecutive_bad_records=max_bad)
+
+  def val_data():
+    return data_lib.make_pipeline(d, "validation", batch_size=bsz, bucket=bucket, seed=0, mixture=mixture,
+                                  num_epochs=1, shuffle=False, tokenizer=tokenizer, shard_by_jax_process=by_process,
+                                  max_consecutive_bad_records=max_bad)
+
+  return train_data, val_data

@@ -52,14 +52,11 @@ class TextGenerator:
   def __post_init__(self):
     self._generator = infer.Generator(self.decoding)
 
-  def encode(self, prompt: str) -> list[int]:
-    return prompt_ids(self.tokenizer, prompt)
-
   def generate(self, images: np.ndarray | None, prompts: list[str], max_new_tokens: int) -> list[str]:
     """images uint8 [B, N, S, S, 3] (each prompt has N `<image>`s) or None, prompts -> continuations
     (each cut after its first `<|endofchunk|>`)."""
     tok = self.tokenizer
-    encoded = [self.encode(p) for p in prompts]
+    encoded = [prompt_ids(tok, p) for p in prompts]
     longest = max(len(e) for e in encoded)
     out = []
     for start in range(0, len(prompts), self.batch_size):

@@ -133,22 +133,7 @@ def flamingo_task(config: ml_collections.ConfigDict, workdir: str | None = None)
   cfg = model_config(config, tokenizer)
   model = Model(cfg, example_batch(config, tokenizer), float(config.init.gate_value))
   d, bk = common.data_dir(config), bucket(config)
-  # data.batch_size is the global batch; each process reads its rows (or all of them).
-  bsz = base.process_batch_size(config)
-  by_process = bool(config.data.get("shard_by_process", True))
-  mixture = common.parse_mixture(str(config.data.mixture))
-  max_bad = int(config.data.get("max_consecutive_bad_records",
-                                data_lib.pipeline.DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS))
-
-  def train_data():
-    return data_lib.make_pipeline(d, "train", batch_size=bsz, bucket=bk, seed=int(config.seed), mixture=mixture,
-                                  num_workers=int(config.data.num_workers), tokenizer=tokenizer,
-                                  shard_by_jax_process=by_process, max_consecutive_bad_records=max_bad)
-
-  def val_data():
-    return data_lib.make_pipeline(d, "validation", batch_size=bsz, bucket=bk, seed=0, mixture=mixture,
-                                  num_epochs=1, shuffle=False, tokenizer=tokenizer, shard_by_jax_process=by_process,
-                                  max_consecutive_bad_records=max_bad)
+  train_data, val_data = common.pipelines(config, tokenizer, bk)
 
   fwd = flops_lib.flamingo_forward_flops(cfg, bk.max_images, bk.text_length)
   return base.Task(init_params=model.init, apply_fn=model.apply, param_labels=flamingo.param_labels,

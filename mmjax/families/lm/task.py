@@ -128,21 +128,7 @@ def lm_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> ba
   bk = bucket(config)
   model = Model(cfg, bk.text_length)
   d = common.data_dir(config)
-  bsz = base.process_batch_size(config)
-  by_process = bool(config.data.get("shard_by_process", True))
-  mixture = common.parse_mixture(str(config.data.mixture))
-  max_bad = int(config.data.get("max_consecutive_bad_records",
-                                data_lib.pipeline.DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS))
-
-  def train_data():
-    return data_lib.make_pipeline(d, "train", batch_size=bsz, bucket=bk, seed=int(config.seed), mixture=mixture,
-                                  num_workers=int(config.data.num_workers), tokenizer=tokenizer,
-                                  shard_by_jax_process=by_process, max_consecutive_bad_records=max_bad)
-
-  def val_data():
-    return data_lib.make_pipeline(d, "validation", batch_size=bsz, bucket=bk, seed=0, mixture=mixture,
-                                  num_epochs=1, shuffle=False, tokenizer=tokenizer, shard_by_jax_process=by_process,
-                                  max_consecutive_bad_records=max_bad)
+  train_data, val_data = common.pipelines(config, tokenizer, bk)
 
   return base.Task(init_params=model.init, apply_fn=model.apply, param_labels=lm.param_labels,
                    train_data=train_data, val_data=val_data,
