@@ -179,9 +179,12 @@ def _tpu_generation(mesh) -> str | None:
   return kind.removeprefix("tpu").strip() or None
 
 
-def _cudnn(query, key, value, allowed, scale):
-  """cuDNN fused attention with the mask made dense; rows with no allowed key -> 0."""
-  out = jax.nn.dot_product_attention(query, key, value, mask=allowed[:, None], scale=scale,
+def _cudnn(query, key, value, allowed, scale, bias=None):
+  """cuDNN fused attention with the mask (and any bias [B, H, T, S]) made dense; rows with no
+  allowed key -> 0."""
+  if bias is not None:
+    bias = bias.astype(query.dtype)
+  out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=allowed[:, None], scale=scale,
                                      implementation="cudnn")
   any_allowed = jnp.any(allowed, axis=-1)[:, :, None, None]
   return jnp.where(any_allowed, out, jnp.zeros((), out.dtype))
@@ -200,6 +203,8 @@ def attention(
     query_image_index: jax.Array | None = None,
     key_image_ids: jax.Array | None = None,
     only_attend_immediate_media: bool = True,
+    sliding_window: int | None = None,
+    alibi_slopes: jax.Array | None = None,
     scale: float | None = None,
     backend: AttentionBackend | str | None = None,
     block_sizes: BlockSizes | None = None,
@@ -212,6 +217,10 @@ def attention(
     causal, query_positions, ..., only_attend_immediate_media: the mask (see
       ``reference.py``). Decode over a KV cache: ``causal=True``, ``query_positions``
       [B, 1] the current position, ``key_positions`` the cache slots' positions.
+    sliding_window: with ``causal``, each query sees only keys less than this many
+      positions back (Mistral); None: no window.
+    alibi_slopes: Float[H] ALiBi slopes (MPT): ``slopes[h] * (key_position -
+      query_position)`` is added to head h's logits; None: no bias.
     scale: multiplies the logits; default ``head_dim ** -0.5``.
     backend: an :class:`AttentionBackend` or its string value; None picks one by
       platform and size (module docstring).
@@ -231,6 +240,13 @@ def attention(
   )
   b, t, h, d = query.shape
   s, g = key.shape[1], key.shape[2]
+  if sliding_window is not None:
+    if not causal or isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+      raise ValueError(f"sliding_window={sliding_window!r} (causal={causal}); expected a positive int with "
+                       "causal=True")
+  if alibi_slopes is not None and tuple(alibi_slopes.shape) != (h,):
+    raise ValueError(f"alibi_slopes has shape {tuple(alibi_slopes.shape)}; expected ({h},), one slope per "
+                     "query head")
   if scale is None:
     scale = d**-0.5
   if backend is None:
@@ -255,11 +271,21 @@ def attention(
   if backend is AttentionBackend.XLA:
     return reference.attention_reference(
         query, key, value, **mask_kwargs,
-        only_attend_immediate_media=only_attend_immediate_media, scale=scale)
+        only_attend_immediate_media=only_attend_immediate_media, sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes, scale=scale)
   if backend is AttentionBackend.CUDNN:
     allowed = reference.allowed_mask(b, t, s, **mask_kwargs,
-                                     only_attend_immediate_media=only_attend_immediate_media)
-    return _cudnn(query, key, value, allowed, scale)
+                                     only_attend_immediate_media=only_attend_immediate_media,
+                                     sliding_window=sliding_window)
+    bias = None
+    if alibi_slopes is not None:
+      qp, kp = reference.default_positions(b, t, s, query_positions, key_positions)
+      distance = (kp[:, None, :] - qp[:, :, None]).astype(jnp.float32)
+      bias = alibi_slopes.astype(jnp.float32)[None, :, None, None] * distance[:, None]  # [B, H, T, S]
+    return _cudnn(query, key, value, allowed, scale, bias)
+  if sliding_window is not None or alibi_slopes is not None:
+    raise ValueError(f"backend={backend.value} does not take sliding_window or alibi_slopes yet; expected "
+                     "backend='xla' or 'cudnn' for them")
 
   if interpret is None:
     interpret = getattr(_interpret, "on", False)

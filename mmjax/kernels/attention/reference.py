@@ -14,6 +14,14 @@ all of the following that are given hold:
                 With ``only_attend_immediate_media`` a token sees the keys of image
                 ``query_image_index[t]`` only, otherwise those of every image up to it.
                 A token with index 0 sees nothing.
+- ``sliding_window`` W (with ``causal``): ``query_positions[t] - key_positions[s] < W``,
+                so each query sees itself and the W - 1 positions before it (Mistral's
+                window, as transformers masks it).
+
+``alibi_slopes`` [H] (ALiBi, MPT) adds ``slopes[h] * (key_positions[s] - query_positions[t])``
+to the logits of head h, in float32, before the mask (positions default to the indices, as
+for ``causal``). Within a query row this differs from MPT's ``slope * (s - S + 1)`` by a
+constant only, which softmax ignores.
 
 A query row with no allowed key produces zeros (not the uniform average a large negative
 bias would give).
@@ -23,6 +31,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def default_positions(batch, query_length, key_length, query_positions=None, key_positions=None):
+  """The positions given, or the indices 0..T-1 and 0..S-1 for those that are None."""
+  if query_positions is None:
+    query_positions = jnp.broadcast_to(jnp.arange(query_length, dtype=jnp.int32), (batch, query_length))
+  if key_positions is None:
+    key_positions = jnp.broadcast_to(jnp.arange(key_length, dtype=jnp.int32), (batch, key_length))
+  return query_positions, key_positions
 
 
 def allowed_mask(
@@ -38,15 +55,18 @@ def allowed_mask(
     query_image_index: jax.Array | None = None,
     key_image_ids: jax.Array | None = None,
     only_attend_immediate_media: bool = True,
+    sliding_window: int | None = None,
 ) -> jax.Array:
   """Bool[B, T, S]: which keys each query may attend to (see the module docstring)."""
   mask = jnp.ones((batch, query_length, key_length), dtype=bool)
+  if sliding_window is not None and not causal:
+    raise ValueError(f"sliding_window={sliding_window} needs causal=True")
   if causal:
-    if query_positions is None:
-      query_positions = jnp.broadcast_to(jnp.arange(query_length), (batch, query_length))
-    if key_positions is None:
-      key_positions = jnp.broadcast_to(jnp.arange(key_length), (batch, key_length))
+    query_positions, key_positions = default_positions(batch, query_length, key_length,
+                                                       query_positions, key_positions)
     mask &= key_positions[:, None, :] <= query_positions[:, :, None]
+    if sliding_window is not None:
+      mask &= query_positions[:, :, None] - key_positions[:, None, :] < sliding_window
   if query_segment_ids is not None:
     mask &= query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
   if query_image_index is not None:
@@ -73,6 +93,8 @@ def attention_reference(
     query_image_index: jax.Array | None = None,
     key_image_ids: jax.Array | None = None,
     only_attend_immediate_media: bool = True,
+    sliding_window: int | None = None,
+    alibi_slopes: jax.Array | None = None,
     scale: float | None = None,
 ) -> jax.Array:
   """Float[B, T, H, K] from query [B, T, H, K] and key, value [B, S, G, K].
@@ -94,11 +116,17 @@ def attention_reference(
       query_image_index=query_image_index,
       key_image_ids=key_image_ids,
       only_attend_immediate_media=only_attend_immediate_media,
+      sliding_window=sliding_window,
   )
   # Grouped-query attention: query head h reads key/value head h // (H // G).
   grouped = query.reshape(b, t, g, h // g, k)
   logits = jnp.einsum("BTGRK,BSGK->BGRTS", grouped, key, preferred_element_type=jnp.float32)
   logits = logits.astype(jnp.float32) * scale
+  if alibi_slopes is not None:
+    qp, kp = default_positions(b, t, s, query_positions, key_positions)
+    distance = (kp[:, None, :] - qp[:, :, None]).astype(jnp.float32)  # [B, T, S]
+    slopes = alibi_slopes.astype(jnp.float32).reshape(g, h // g)
+    logits = logits + slopes[None, :, :, None, None] * distance[:, None, None]
   mask = mask[:, None, None, :, :]
   logits = jnp.where(mask, logits, -jnp.inf)
   # The max only keeps exp() in range; it cancels out of the result, so no gradient.
