@@ -33,4 +33,5 @@ def abstract(config: ml_collections.ConfigDict) -> base.AbstractModel:
 FAMILY = base.Family(name="lm", components=lm.COMPONENTS, config_class=lm.LMConfig, presets=presets_lib.presets,
                      task=task_lib.lm_task, abstract=abstract, override=presets_lib.override,
                      upgrade_model=upgrade_model,
-                     decoding=task_lib.decoding, importers={"hf_llama": convert.lm_from_state_dict})
+                     decoding=task_lib.decoding,
+                     importers={"hf_llama": convert.lm_from_state_dict, "hf": convert.lm_from_hf_directory})
