@@ -1,12 +1,25 @@
-"""A sentencepiece tokenizer with the multimodal special tokens, ids exposed by name.
+"""The tokenizer: a sentencepiece model or a `tokenizer.json`, one interface, ids by name.
 
-Special tokens: `<pad>` (id 0), `<unk>`, `<s>` (BOS), `</s>` (EOS), and the user-defined
-`<image>` and `<|endofchunk|>`, each a single id wherever it appears in the text.
-`encode` adds neither BOS nor EOS (the pipeline does, once per example).
+Special tokens: padding, BOS, EOS, `<unk>`, and `<image>` and `<|endofchunk|>`, each a
+single id wherever it appears in the text. `encode` adds neither BOS nor EOS (the pipeline
+does, once per example).
 
-`Tokenizer.load` takes any sentencepiece `.model`; when the model lacks `<image>`,
-`<|endofchunk|>` or a padding piece (e.g. a LLaMA tokenizer), they are appended at the end of
-the vocabulary, so ids of the existing pieces do not move.
+Two backends (`Vocabulary`) sit behind `Tokenizer`, chosen by the bytes it is given, not by
+a file name (a work directory keeps its copy as `tokenizer.model` whatever it holds, and the
+families build the tokenizer from those bytes):
+
+  sentencepiece   a `.model` (LLaMA, Vicuna, Mistral, Yi; mmjax's own, from `Tokenizer.train`).
+                  `<pad>` is id 0 in the ones mmjax trains.
+  tokenizer.json  Hugging Face `tokenizers` (MPT and RedPajama's GPT-NeoX BPE, OPT's GPT-2
+                  byte-level BPE, Qwen's): `mmjax.data.tokenizer_json`, which also says how
+                  BOS, EOS and padding are found in a file that does not name them.
+
+`Tokenizer.load` takes either file, or a directory holding `tokenizer.model` or
+`tokenizer.json` (a Hugging Face model directory; with both, the `.model`: it is the
+original the LM was trained with, the json transformers' conversion of it). When the
+vocabulary lacks `<image>`, `<|endofchunk|>` or a padding token (LLaMA's, GPT-2's), they
+are appended after its largest id, so the ids of existing tokens do not move; a vocabulary
+that has them keeps their ids.
 """
 
 from __future__ import annotations
@@ -16,41 +29,74 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import sentencepiece as spm
 
 from mmjax import filelock
+from mmjax.data import tokenizer_json
 from mmjax.data.scenes import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 
 SPECIAL_TOKENS = (IMAGE_TOKEN, END_OF_CHUNK_TOKEN)
+# The files `Tokenizer.load` looks for in a directory, in order of preference.
+DIRECTORY_FILES = ("tokenizer.model", "tokenizer.json")
+_EXPECTED = ("expected a sentencepiece .model, a Hugging Face tokenizer.json, or a directory holding "
+             f"{' or '.join(DIRECTORY_FILES)}")
+
+
+class Vocabulary(Protocol):
+  """What a backend gives `Tokenizer`: special tokens already added, ids >= 0 (unk: -1 if none)."""
+
+  kind: str
+  vocab_size: int  # the largest id + 1
+  pad_id: int
+  bos_id: int
+  eos_id: int
+  unk_id: int
+  image_id: int
+  end_of_chunk_id: int
+
+  def encode(self, text: str) -> list[int]: ...
+  def decode(self, ids: Sequence[int]) -> str: ...
+  def id_to_piece(self, i: int) -> str: ...
 
 
 class Tokenizer:
-  """Wraps a `SentencePieceProcessor`; picklable (grain workers receive a copy)."""
+  """A `Vocabulary` built from a file's bytes; picklable (grain workers receive a copy)."""
 
-  def __init__(self, model_proto: bytes):
-    self._proto = _with_special_tokens(model_proto)
-    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-    self.pad_id = int(self._sp.pad_id())
-    self.bos_id = int(self._sp.bos_id())
-    self.eos_id = int(self._sp.eos_id())
-    self.unk_id = int(self._sp.unk_id())
-    self.image_id = int(self._sp.piece_to_id(IMAGE_TOKEN))
-    self.end_of_chunk_id = int(self._sp.piece_to_id(END_OF_CHUNK_TOKEN))
+  def __init__(self, content: bytes):
+    """`content`: a sentencepiece model's or a tokenizer.json's bytes (told apart by them)."""
+    self._content = bytes(content)
+    self._vocab = _vocabulary(self._content)
+    self.kind = self._vocab.kind
+    self.pad_id = int(self._vocab.pad_id)
+    self.bos_id = int(self._vocab.bos_id)
+    self.eos_id = int(self._vocab.eos_id)
+    self.unk_id = int(self._vocab.unk_id)
+    self.image_id = int(self._vocab.image_id)
+    self.end_of_chunk_id = int(self._vocab.end_of_chunk_id)
     for name in ("pad_id", "bos_id", "eos_id", "image_id", "end_of_chunk_id"):
       if getattr(self, name) < 0:
         raise ValueError(f"tokenizer has {name}={getattr(self, name)}; expected an id >= 0")
+    if self.pad_id in (self.bos_id, self.eos_id, self.image_id, self.end_of_chunk_id):
+      raise ValueError(f"tokenizer has pad_id={self.pad_id}, the id of another special token; expected its own "
+                       "id (the loss mask drops every padding target)")
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> Tokenizer:
-    """Loads a sentencepiece `.model` file (special tokens added if missing)."""
-    with open(path, "rb") as f:
-      return cls(f.read())
+    """Loads a `.model`, a `tokenizer.json` or a directory holding one (special tokens added if missing)."""
+    file = resolve_file(path)
+    with open(file, "rb") as f:
+      content = f.read()
+    try:
+      return cls(content)
+    except ValueError as e:
+      raise ValueError(f"cannot load the tokenizer {file!r}: {e}") from None
 
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Tokenizer:
-    """Trains a model on `texts`, writes it to `path` and returns it.
+    """Trains a sentencepiece model on `texts`, writes it to `path` and returns it.
 
     `vocab_size` is an upper bound: a small corpus (the embedded dataset has a few dozen
     words) yields fewer pieces rather than failing.
@@ -66,11 +112,12 @@ class Tokenizer:
 
   @property
   def vocab_size(self) -> int:
-    return int(self._sp.get_piece_size())
+    """The largest id + 1: the number of embedding rows a model needs."""
+    return int(self._vocab.vocab_size)
 
   def encode(self, text: str) -> list[int]:
     """Text (which may contain `<image>` and `<|endofchunk|>`) -> ids, no BOS/EOS."""
-    return list(self._sp.encode(text, out_type=int))
+    return self._vocab.encode(text)
 
   def encode_prompt(self, text: str) -> list[int]:
     """A prompt as the pipeline's training sequences begin: BOS, then `encode(text)`.
@@ -83,16 +130,70 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     """Ids -> text; padding, BOS and EOS are dropped, `<image>` etc. kept as strings."""
     drop = {self.pad_id, self.bos_id, self.eos_id}
-    return self._sp.decode([int(i) for i in ids if int(i) not in drop])
+    return self._vocab.decode([int(i) for i in ids if int(i) not in drop])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._vocab.id_to_piece(int(i))
+
+  def __getstate__(self):
+    return {"content": self._content}
+
+  def __setstate__(self, state):
+    self.__init__(state["content"])
+
+
+def resolve_file(path: str | os.PathLike) -> str:
+  """`path` if it is a file, else the first of `DIRECTORY_FILES` in the directory `path`."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    for name in DIRECTORY_FILES:
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+    raise ValueError(f"directory {path!r} holds no tokenizer; {_EXPECTED}")
+  if not os.path.exists(path):
+    raise ValueError(f"no tokenizer at {path!r} (no such file or directory); {_EXPECTED}")
+  return path
+
+
+def _vocabulary(content: bytes) -> Vocabulary:
+  if not content:
+    raise ValueError(f"the tokenizer file is empty; {_EXPECTED}")
+  spec = tokenizer_json.parse(content)
+  if spec is not None:
+    return tokenizer_json.JsonVocabulary(content, spec)
+  try:
+    return SentencePieceVocabulary(content)
+  except RuntimeError as e:  # sentencepiece's error for bytes that are not a ModelProto
+    raise ValueError(f"the file is neither a sentencepiece model nor a tokenizer.json "
+                     f"({str(e).strip()[:200]}); {_EXPECTED}") from None
+
+
+class SentencePieceVocabulary:
+  """A `SentencePieceProcessor` over the model with `<image>`, `<|endofchunk|>` and padding."""
+
+  kind = "sentencepiece"
+
+  def __init__(self, model_proto: bytes):
+    if spm.SentencePieceProcessor(model_proto=model_proto).get_piece_size() == 0:
+      # Protobuf parses many short byte strings as a message of unknown fields.
+      raise RuntimeError("a protobuf message with no pieces")
+    self._sp = spm.SentencePieceProcessor(model_proto=_with_special_tokens(model_proto))
+    self.vocab_size = int(self._sp.get_piece_size())
+    self.pad_id = int(self._sp.pad_id())
+    self.bos_id = int(self._sp.bos_id())
+    self.eos_id = int(self._sp.eos_id())
+    self.unk_id = int(self._sp.unk_id())
+    self.image_id = int(self._sp.piece_to_id(IMAGE_TOKEN))
+    self.end_of_chunk_id = int(self._sp.piece_to_id(END_OF_CHUNK_TOKEN))
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._sp.encode(text, out_type=int))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode(list(ids))
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
-
-  def __getstate__(self):
-    return {"proto": self._proto}
-
-  def __setstate__(self, state):
-    self.__init__(state["proto"])
 
 
 def _trainer_kwargs(vocab_size: int) -> dict:
