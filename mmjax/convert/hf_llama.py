@@ -1,4 +1,5 @@
-"""HF ``LlamaForCausalLM`` (and the LLaMA-layout ``Qwen2ForCausalLM``: q/k/v biases;
+"""HF ``LlamaForCausalLM`` (LLaMA-3's frequency scaling included; the LLaMA-layout
+``MistralForCausalLM``: a sliding window; ``Qwen2ForCausalLM``: q/k/v biases;
 ``StableLmForCausalLM``: LayerNorms with biases, partial rotary, optional q/k/v biases)
 state_dicts and ``.safetensors`` files -> ``Decoder`` params.
 
@@ -142,16 +143,23 @@ def config_from_hf_llama(hf_config: Mapping[str, Any] | Any, **overrides) -> Dec
   """A ``DecoderConfig`` from an HF ``LlamaConfig`` (object or ``config.json`` dict)."""
   cfg = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
   rope = cfg.get("rope_parameters") or {}
-  scaling = cfg.get("rope_scaling")
-  rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", "default"))
-  if rope_type not in ("default", None) or (scaling and scaling.get("rope_type", "default") != "default"):
-    raise ValueError(f"rope_type={rope_type!r} (rope_scaling={scaling}) is not supported;"
-                     " expected the default RoPE")
+  scaling = {**(cfg.get("rope_scaling") or {}), **rope}
+  rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+  if rope_type not in ("default", "llama3"):
+    raise ValueError(f"rope_type={rope_type!r} (rope_parameters={rope}, rope_scaling={cfg.get('rope_scaling')}) "
+                     "is not supported; expected 'default' or 'llama3'")
   if cfg.get("mlp_bias"):
     raise ValueError("mlp_bias=True is not supported by the SwiGLU decoder; expected False")
-  if cfg.get("use_sliding_window") or (cfg.get("model_type") == "mistral" and cfg.get("sliding_window")):
-    raise ValueError(f"sliding_window={cfg.get('sliding_window')} is not supported yet; expected "
-                     "use_sliding_window=False")
+  # Mistral masks to its sliding_window whenever it is set; Qwen2 only with use_sliding_window
+  # (then from max_window_layers on, which mmjax does not split: refused unless every layer).
+  window = 0
+  if cfg.get("model_type") == "mistral" and cfg.get("sliding_window"):
+    window = int(cfg["sliding_window"])
+  elif cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+    if int(cfg.get("max_window_layers", 0) or 0) != 0:
+      raise ValueError(f"use_sliding_window with max_window_layers={cfg.get('max_window_layers')} (a window on some "
+                       "layers only) is not supported; expected max_window_layers=0 or use_sliding_window=False")
+    window = int(cfg["sliding_window"])
   # Qwen2 biases q, k and v (not o); LLaMA's attention_bias biases all four. StableLM:
   # LayerNorms with biases, optional q/k/v biases, partial rotary.
   qwen2 = cfg.get("model_type") == "qwen2"
@@ -180,6 +188,13 @@ def config_from_hf_llama(hf_config: Mapping[str, Any] | Any, **overrides) -> Dec
   )
   if stablelm:
     fields.update(norm="layer", norm_eps=float(cfg.get("layer_norm_eps", 1e-5)))
+  if window:
+    fields.update(sliding_window=window)
+  if rope_type == "llama3":
+    fields.update(rope_scaling="llama3", rope_scaling_factor=float(scaling["factor"]),
+                  rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                  rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                  rope_original_max_length=int(scaling["original_max_position_embeddings"]))
   return dataclasses.replace(DecoderConfig(**fields), **overrides)
 
 

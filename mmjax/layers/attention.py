@@ -11,12 +11,16 @@ G key/value heads, K head dim.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.kernels.attention import api
 from mmjax.layers.linear import dense
+from mmjax.layers.norms import LayerNorm
 from mmjax.layers.posemb import rope
 
 dot_product_attention = api.attention
@@ -47,6 +51,19 @@ class Attention(nn.Module):
   # The leading fraction of each head's dimensions that RoPE rotates (GPT-NeoX's
   # rotary_pct, Phi's partial_rotary_factor); the rest pass through.
   rotary_fraction: float = 1.0
+  # LLaMA-3.1 frequency scaling (factor, low_freq_factor, high_freq_factor,
+  # original_max_length), or None.
+  rope_llama3: tuple[float, float, float, int] | None = None
+  # ALiBi (MPT): per-head linear biases with this maximum, or None.
+  alibi_bias_max: float | None = None
+  # Each query sees only keys fewer than this many positions back (Mistral), or None.
+  sliding_window: int | None = None
+  # Clamp the query/key/value projections to [-clip_qkv, clip_qkv] (MPT), or None.
+  clip_qkv: float | None = None
+  # LayerNorm (with bias) over each head's query and key, shared by the heads (Persimmon's
+  # qk_layernorm): ``query_norm``, ``key_norm``; the epsilon.
+  qk_norm: bool = False
+  qk_norm_eps: float = 1e-5
   dtype: str = "float32"
   backend: str | None = None
 
@@ -68,9 +85,14 @@ class Attention(nn.Module):
     q = dense((h, k), ("embed", "heads", "kv"), use_bias=self.use_bias, dtype=self.dtype, name="query")(x)
     key = dense((g, k), ("embed", "kv_heads", "kv"), use_bias=self.use_bias, dtype=self.dtype, name="key")(x)
     value = dense((g, k), ("embed", "kv_heads", "kv"), use_bias=self.use_bias, dtype=self.dtype, name="value")(x)
+    if self.clip_qkv is not None:
+      q, key, value = (jnp.clip(y, -self.clip_qkv, self.clip_qkv) for y in (q, key, value))
+    if self.qk_norm:
+      q = LayerNorm(eps=self.qk_norm_eps, dtype=self.dtype, name="query_norm")(q)
+      key = LayerNorm(eps=self.qk_norm_eps, dtype=self.dtype, name="key_norm")(key)
     if self.rope_theta is not None:
-      q = _partial_rope(q, positions, self.rope_theta, self.rotary_fraction)
-      key = _partial_rope(key, positions, self.rope_theta, self.rotary_fraction)
+      q = _partial_rope(q, positions, self.rope_theta, self.rotary_fraction, self.rope_llama3)
+      key = _partial_rope(key, positions, self.rope_theta, self.rotary_fraction, self.rope_llama3)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
     key_positions = positions
@@ -90,6 +112,8 @@ class Attention(nn.Module):
         key_positions=key_positions,
         query_segment_ids=segment_ids,
         key_segment_ids=key_segment_ids,
+        sliding_window=self.sliding_window,
+        alibi_slopes=None if self.alibi_bias_max is None else jnp.asarray(alibi_slopes(h, self.alibi_bias_max)),
         backend=self.backend,
     )
     out_bias = self.use_bias if self.out_bias is None else self.out_bias
@@ -98,17 +122,29 @@ class Attention(nn.Module):
     return y, cache
 
 
-def _partial_rope(x: jax.Array, positions: jax.Array, theta: float, fraction: float) -> jax.Array:
+def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> np.ndarray:
+  """ALiBi's per-head slopes (Press et al. 2022, as MPT generalises them to any head count):
+  for n = the next power of two >= num_heads, slope i (1-based) is 2^(-i * bias_max / n);
+  when num_heads is not a power of two the odd-indexed slopes come first, then the even ones,
+  cut to num_heads. Float32 [num_heads]."""
+  n = 1 << max(0, math.ceil(math.log2(num_heads)))
+  slopes = 2.0 ** (-np.arange(1, n + 1, dtype=np.float64) * (bias_max / n))
+  if n != num_heads:
+    slopes = np.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+  return slopes.astype(np.float32)
+
+
+def _partial_rope(x: jax.Array, positions: jax.Array, theta: float, fraction: float, llama3=None) -> jax.Array:
   """RoPE over the first round(fraction * K) dimensions of x [B, T, H, K] (the frequencies are
   those of a head of that many dimensions, as HF's partial rotary computes them)."""
   k = x.shape[-1]
   rot = int(round(fraction * k))
   if rot == k:
-    return rope(x, positions, theta)
+    return rope(x, positions, theta, llama3)
   if rot % 2 or not 0 < rot < k:
     raise ValueError(f"rotary_fraction={fraction} of head dim {k} rotates {rot} dimensions; expected an even "
                      f"number in (0, {k}]")
-  return jnp.concatenate([rope(x[..., :rot], positions, theta), x[..., rot:]], axis=-1)
+  return jnp.concatenate([rope(x[..., :rot], positions, theta, llama3), x[..., rot:]], axis=-1)
 
 
 def _write_cache(cache: dict, key: jax.Array, value: jax.Array, positions: jax.Array) -> dict:

@@ -20,6 +20,8 @@ ACTIVATIONS = {
     "quick_gelu": quick_gelu,
     "silu": jax.nn.silu,
     "relu": jax.nn.relu,
+    # Squared ReLU (Primer; Persimmon's "relu2").
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
 }
 
 

@@ -97,6 +97,26 @@ class DecoderConfig:
   lm_head_bias: bool = False
   # The leading fraction of each head's dimensions RoPE rotates (GPT-NeoX's rotary_pct).
   rotary_fraction: float = 1.0
+  # How tokens know their place: "rope" (rotary: rope_theta, rotary_fraction, rope_scaling),
+  # "alibi" (MPT: per-head linear biases, alibi_bias_max), "learned" (OPT: a table ``pos_embed``
+  # of max_length + position_offset rows added to the embeddings; OPT's offset is 2).
+  positions: str = "rope"
+  alibi_bias_max: float = 8.0
+  position_offset: int = 0
+  # "none", or "llama3" (LLaMA-3.1's frequency scaling with the four fields below).
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_length: int = 8192
+  # LayerNorms (norm="layer") with a bias; MPT's have none.
+  norm_bias: bool = True
+  # Clamp the query/key/value projections to [-clip_qkv, clip_qkv] (MPT); 0: no clamp.
+  clip_qkv: float = 0.0
+  # LayerNorm over each head's query and key (Persimmon's qk_layernorm).
+  qk_norm: bool = False
+  # Each query sees itself and the sliding_window - 1 positions before it (Mistral); 0: all.
+  sliding_window: int = 0
   # Run the layers under flax.linen.scan (blocks of LM layers, an insert before each
   # block's last layer): the compiled program holds one block body instead of depth
   # copies, so big models compile in minutes. Changes the parameter layout
@@ -105,7 +125,9 @@ class DecoderConfig:
 
 
 NORMS = ("rms", "layer")
-MLPS = ("swiglu", "gelu", "gelu_tanh", "relu", "quick_gelu")
+MLPS = ("swiglu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu")
+POSITIONS = ("rope", "alibi", "learned")
+ROPE_SCALINGS = ("none", "llama3")
 
 
 def check_config(config: DecoderConfig) -> None:
@@ -121,6 +143,24 @@ def check_config(config: DecoderConfig) -> None:
     raise ValueError(f"DecoderConfig.parallel_norms={config.parallel_norms}; expected 1 or 2")
   if config.lm_head_bias and config.tie_embeddings:
     raise ValueError("DecoderConfig.lm_head_bias=True with tie_embeddings=True; expected an untied lm_head for a bias")
+  if config.positions not in POSITIONS:
+    raise ValueError(f"DecoderConfig.positions={config.positions!r}; expected one of {POSITIONS}")
+  if config.positions != "rope" and (config.rotary_fraction != 1.0 or config.rope_scaling != "none"):
+    raise ValueError(f"DecoderConfig.positions={config.positions!r} with rotary_fraction={config.rotary_fraction}, "
+                     f"rope_scaling={config.rope_scaling!r}; expected rotary settings only with positions='rope'")
+  if config.rope_scaling not in ROPE_SCALINGS:
+    raise ValueError(f"DecoderConfig.rope_scaling={config.rope_scaling!r}; expected one of {ROPE_SCALINGS}")
+  if config.position_offset < 0 or (config.position_offset and config.positions != "learned"):
+    raise ValueError(f"DecoderConfig.position_offset={config.position_offset} with positions={config.positions!r}; "
+                     "expected an offset >= 0, and only with positions='learned'")
+  if config.alibi_bias_max <= 0:
+    raise ValueError(f"DecoderConfig.alibi_bias_max={config.alibi_bias_max}; expected > 0")
+  if config.clip_qkv < 0 or config.sliding_window < 0:
+    raise ValueError(f"DecoderConfig.clip_qkv={config.clip_qkv}, sliding_window={config.sliding_window}; expected "
+                     ">= 0 (0 turns either off)")
+  if not config.norm_bias and config.norm != "layer":
+    raise ValueError(f"DecoderConfig.norm_bias=False with norm={config.norm!r}; expected norm='layer' (RMSNorm has "
+                     "no bias to drop)")
   rot = config.rotary_fraction * config.head_dim
   if not 0.0 < config.rotary_fraction <= 1.0 or abs(rot - round(rot)) > 1e-9 or round(rot) % 2:
     raise ValueError(f"DecoderConfig.rotary_fraction={config.rotary_fraction} of head_dim={config.head_dim}; "
@@ -130,8 +170,15 @@ def check_config(config: DecoderConfig) -> None:
 def _norm(config: DecoderConfig, wrap, name: str | None = None) -> nn.Module:
   kwargs = {} if name is None else {"name": name}
   if config.norm == "layer":
-    return wrap(LayerNorm)(eps=config.norm_eps, dtype=config.dtype, **kwargs)
+    return wrap(LayerNorm)(eps=config.norm_eps, use_bias=config.norm_bias, dtype=config.dtype, **kwargs)
   return wrap(RMSNorm)(eps=config.norm_eps, dtype=config.dtype, **kwargs)
+
+
+def _llama3(config: DecoderConfig) -> tuple[float, float, float, int] | None:
+  if config.rope_scaling != "llama3":
+    return None
+  return (config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor,
+          config.rope_original_max_length)
 
 
 def init_decoder_cache(config: DecoderConfig, batch: int, length: int, insert: Insert | None = None) -> dict:
@@ -191,7 +238,10 @@ class DecoderLayer(nn.Module):
     h, cache = tie(Attention)(
         num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads, use_bias=c.attention_bias,
         out_bias=c.attention_out_bias,
-        rope_theta=c.rope_theta, rotary_fraction=c.rotary_fraction, dtype=c.dtype, backend=c.attention_backend,
+        rope_theta=c.rope_theta if c.positions == "rope" else None, rotary_fraction=c.rotary_fraction,
+        rope_llama3=_llama3(c), alibi_bias_max=c.alibi_bias_max if c.positions == "alibi" else None,
+        sliding_window=c.sliding_window or None, clip_qkv=c.clip_qkv or None, qk_norm=c.qk_norm,
+        qk_norm_eps=c.norm_eps, dtype=c.dtype, backend=c.attention_backend,
         name="attn",
     )(attn_in, causal=True, positions=positions, cache=cache)
     # Parallel: the MLP reads the layer's input (normed on its own, or as the attention's).
@@ -292,6 +342,9 @@ class Decoder(nn.Module):
   def setup(self):
     c = self.config
     self.embed = Embed(c.vocab_size, c.width, dtype=c.dtype)
+    if c.positions == "learned":
+      # Logical axes ("vocab", "embed") like the token table's.
+      self.pos_embed = Embed(c.max_length + c.position_offset, c.width, dtype=c.dtype)
     layer_cls = nn.remat(DecoderLayer) if c.remat else DecoderLayer
     if c.scan_layers:
       plan = scan_plan(c.depth, self.insert)
@@ -365,6 +418,10 @@ class Decoder(nn.Module):
     if cache is not None and set(cache) != _cache_layout(c, self.insert):
       raise ValueError(f"cache has entries {sorted(cache)}; expected {sorted(_cache_layout(c, self.insert))}"
                        f" (init_decoder_cache of this config, scan_layers={c.scan_layers})")
+    if c.positions == "learned":
+      # OPT's table starts position_offset rows in; a padding token's position may be anything.
+      rows = jnp.clip(positions + c.position_offset, 0, c.max_length + c.position_offset - 1)
+      x = x + self.pos_embed(rows).astype(x.dtype)
     if insert_state is not None and indices and c.scan_layers and "blocks" not in insert_state:
       insert_state = {"blocks": stack([insert_state[f"{self.insert.name}_{i}"] for i in indices])}
 
