@@ -152,9 +152,12 @@ class TorchFile:
     try:
       sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
+      lines = str(err).splitlines() or [""]
+      # torch's message is a page of advice; the line naming the refused global is the news.
+      why = next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0])
       raise ValueError(f"{self.path}: refused: torch.load(weights_only=True, mmap=True) cannot read it "
                        f"(a pickle of something other than tensors, or not a zip-format torch.save file): "
-                       f"{type(err).__name__}: {err}") from None
+                       f"{type(err).__name__}: {why}") from None
     if not isinstance(sd, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in sd.items()):
       raise ValueError(f"{self.path}: holds a {type(sd).__name__}, not a state_dict of tensors")
