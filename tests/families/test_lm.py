@@ -168,18 +168,32 @@ def test_a_missing_pretrained_run_is_an_error_saying_how_to_make_it(tmp_path, da
     pretrained.adopt(config, task, {})
 
 
-def test_a_gpt_neox_style_lm_trains_from_the_shipped_config_through_the_variant_fields(data_dir, tmp_path, capsys):
-  wd = str(tmp_path / "neox")
-  variant = ["--config.model.decoder.norm=layer", "--config.model.decoder.mlp=gelu",
-             "--config.model.decoder.mlp_bias=True", "--config.model.decoder.attention_bias=True",
-             "--config.model.decoder.parallel_residual=True", "--config.model.decoder.rotary_fraction=0.25",
-             "--config.model.decoder.tie_embeddings=False"]
-  assert cli.train_main([f"--config={LM}", f"--workdir={wd}", f"--config.data.dir={data_dir}", *SMALL, *variant]) == 0
-  assert "done at step 4" in capsys.readouterr().out
+VARIANTS = {
+    "gpt-neox": (["norm=layer", "mlp=gelu", "mlp_bias=True", "attention_bias=True", "parallel_residual=True",
+                  "rotary_fraction=0.25", "tie_embeddings=False"],
+                 lambda p: set(p["layers_0"]["mlp"]) == {"fc1", "fc2"} and "bias" in p["layers_0"]["attn"]["query"]
+                 and "bias" in p["layers_0"]["attn_norm"]),
+    # MPT: ALiBi instead of rotary positions, bias-free LayerNorms, clamped q/k/v.
+    "mpt": (["norm=layer", "norm_bias=False", "mlp=gelu", "positions=alibi", "clip_qkv=6.0"],
+            lambda p: set(p["layers_0"]["attn_norm"]) == {"scale"} and set(p["layers_0"]["mlp"]) == {"fc1", "fc2"}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_variant_lm_trains_from_the_shipped_config_through_the_decoder_fields(variant, data_dir, tmp_path, capsys):
+  fields, check = VARIANTS[variant]
+  wd = str(tmp_path / variant)
+  flags = [f"--config.model.decoder.{f}" for f in fields]
+  assert cli.train_main([f"--config={LM}", f"--workdir={wd}", f"--config.data.dir={data_dir}", *SMALL, *flags]) == 0
+  out = capsys.readouterr().out
+  assert "done at step 4" in out
   from mmjax.train import evaluate
-  _, _, _, params = evaluate.load(wd)
-  layer = params["decoder"]["layers_0"]
-  assert set(layer["mlp"]) == {"fc1", "fc2"} and "bias" in layer["attn"]["query"] and "bias" in layer["attn_norm"]
+  config, _, _, params = evaluate.load(wd)
+  assert check(params["decoder"])
+  recorded = config.model.decoder
+  for f in fields:
+    name, value = f.split("=")
+    assert str(recorded[name]) == value, (name, recorded[name])
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -187,6 +201,10 @@ def test_a_gpt_neox_style_lm_trains_from_the_shipped_config_through_the_variant_
     ("mlp", "swish", r"DecoderConfig.mlp='swish'; expected one of"),
     ("parallel_norms", 3, r"DecoderConfig.parallel_norms=3; expected 1 or 2"),
     ("rotary_fraction", 0.3, r"rotary_fraction=0.3 of head_dim=32; expected a fraction in \(0, 1\] that rotates an even"),
+    ("positions", "sinusoidal", r"DecoderConfig.positions='sinusoidal'; expected one of \('rope', 'alibi', 'learned'\)"),
+    ("position_offset", 2, r"position_offset=2 with positions='rope'; expected .* only with positions='learned'"),
+    ("sliding_window", -1, r"sliding_window=-1; expected >= 0"),
+    ("norm_bias", False, r"norm_bias=False with norm='rms'; expected norm='layer'"),
 ])
 def test_a_decoder_variant_the_decoder_does_not_support_is_a_value_error_naming_it(field, value, message):
   import dataclasses
