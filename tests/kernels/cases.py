@@ -31,6 +31,8 @@ class Case:
   latents: int = 0  # keys per image
   only_attend_immediate_media: bool = True
   decode: bool = False  # one query at a given position over a KV cache
+  sliding_window: int | None = None  # with causal: keys fewer than this many positions back
+  alibi: bool = False  # random per-head ALiBi slopes
 
 
 def make_inputs(case: Case, dtype=jnp.float32, seed: int = 0) -> tuple[tuple, dict]:
@@ -73,6 +75,12 @@ def make_inputs(case: Case, dtype=jnp.float32, seed: int = 0) -> tuple[tuple, di
     kwargs["key_image_ids"] = jnp.broadcast_to(
         jnp.repeat(jnp.arange(1, case.images + 1, dtype=jnp.int32), case.latents), (b, s))
     kwargs["only_attend_immediate_media"] = case.only_attend_immediate_media
+  if case.sliding_window is not None:
+    kwargs["sliding_window"] = case.sliding_window
+  if case.alibi:
+    # Steeper than MPT's 2^-8h/H so that over these short sequences a wrong distance or
+    # slope (a head mixed up under sharding, a sign) moves the result well past tolerance.
+    kwargs["alibi_slopes"] = jnp.asarray(rng.uniform(0.05, 0.5, case.heads), jnp.float32)
   return (q, k, v), kwargs
 
 

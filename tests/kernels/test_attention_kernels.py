@@ -34,6 +34,13 @@ DEFAULT_CASES = [
     # One decode step over a KV cache whose later slots are unwritten.
     Case("decode_one_query_over_cache", batch=2, query_length=1, key_length=40, heads=2,
          kv_heads=1, causal=True, decode=True),
+    # Mistral's window shorter than a tile and than the sequence, MPT's ALiBi, GQA, keys
+    # padded to the tile (40 -> 48): whole key tiles before the band are skipped.
+    Case("causal_window_alibi_gqa_ragged", batch=1, query_length=40, key_length=40, heads=4,
+         kv_heads=2, causal=True, sliding_window=9, alibi=True),
+    # A cached decode step under a window, with ALiBi distances from the given positions.
+    Case("decode_window_alibi", batch=2, query_length=1, key_length=40, heads=2, kv_heads=1,
+         causal=True, decode=True, sliding_window=12, alibi=True),
 ]
 
 
@@ -59,6 +66,27 @@ def test_kernel_under_a_mesh_splits_batch_and_heads_and_still_equals_reference(b
               kv_heads=2)
   with jax.set_mesh(mesh):
     check_backend_matches_reference(case, backend, block_sizes=TINY_BLOCKS[backend])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alibi_slopes_split_with_the_heads_under_a_mesh(backend):
+  # ALiBi without causal (positions from the indices), keys padded (20 -> tile); heads over
+  # tensor: each shard must read its own heads' slopes, not the first ones.
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  case = Case("sharded_bidirectional_alibi", batch=2, query_length=12, key_length=20, heads=2,
+              kv_heads=2, alibi=True)
+  with jax.set_mesh(mesh):
+    check_backend_matches_reference(case, backend, block_sizes=TINY_BLOCKS[backend])
+
+
+def test_alibi_slopes_get_no_gradient_on_any_backend():
+  case = Case("alibi", query_length=16, key_length=16, causal=True, alibi=True)
+  (q, k, v), kwargs = make_inputs(case)
+  slopes = kwargs.pop("alibi_slopes")
+  for backend in ("xla", "pallas_gpu"):
+    loss = lambda s: jnp.sum(attention(q, k, v, **kwargs, alibi_slopes=s, backend=backend,
+                                       interpret=True, block_sizes=TINY_BLOCKS.get(backend)))
+    np.testing.assert_array_equal(np.asarray(jax.grad(loss)(slopes)), 0.0)
 
 
 def test_rows_with_no_allowed_key_output_zeros_and_get_zero_query_gradient():
@@ -101,6 +129,17 @@ def test_force_interpret_runs_pallas_backends_without_an_interpret_argument():
          kv_heads=2, causal=True, decode=True),
     Case("flamingo_many_short_images_gqa", batch=2, query_length=40, images=6,
          latents=4, heads=2, kv_heads=1),
+    Case("causal_window_alibi_segments_long", batch=2, query_length=100, key_length=100,
+         heads=4, kv_heads=1, causal=True, segments=True, sliding_window=30, alibi=True,
+         head_dim=32),
+    Case("window_longer_than_sequence", batch=1, query_length=30, key_length=30, heads=2,
+         kv_heads=2, causal=True, sliding_window=64),
+    Case("window_of_one_sees_only_itself", batch=1, query_length=30, key_length=30, heads=2,
+         kv_heads=1, causal=True, sliding_window=1),
+    Case("bidirectional_alibi_cross_ragged", batch=2, query_length=33, key_length=70,
+         heads=2, kv_heads=1, alibi=True),
+    Case("decode_window_alibi_long_cache", batch=3, query_length=1, key_length=100, heads=4,
+         kv_heads=2, causal=True, decode=True, sliding_window=20, alibi=True),
 ], ids=lambda c: c.name)
 def test_kernel_equals_reference_on_the_larger_grid(case, backend, dtype):
   check_backend_matches_reference(case, backend, dtype, block_sizes=TINY_BLOCKS[backend])

@@ -15,6 +15,10 @@ CASES = [
     Case("flamingo_all_previous", batch=3, query_length=32, images=4, latents=8,
          only_attend_immediate_media=False),
     Case("decode", batch=3, query_length=1, key_length=32, causal=True, decode=True),
+    Case("causal_window_segments", batch=3, query_length=32, key_length=32, causal=True,
+         segments=True, sliding_window=11),
+    Case("decode_window", batch=3, query_length=1, key_length=32, causal=True, decode=True,
+         sliding_window=5),
 ]
 
 
@@ -23,9 +27,12 @@ def _spec_and_ids(case):
   b, t, s = q.shape[0], q.shape[1], k.shape[1]
   spec = masking.MaskSpec(causal=case.causal, segments=case.segments,
                           images=bool(case.images),
-                          only_attend_immediate_media=case.only_attend_immediate_media)
+                          only_attend_immediate_media=case.only_attend_immediate_media,
+                          sliding_window=case.sliding_window, alibi=case.alibi)
   ids_kwargs = {k_: v for k_, v in kwargs.items()
-                if k_ not in ("causal", "only_attend_immediate_media")}
+                if k_ not in ("causal", "only_attend_immediate_media", "sliding_window",
+                              "alibi_slopes")}
+  kwargs.pop("alibi_slopes", None)
   query_ids, key_ids = masking.stack_ids(spec, b, t, s, **ids_kwargs)
   dense = reference.allowed_mask(b, t, s, **kwargs)
   return spec, query_ids, key_ids, np.asarray(dense)
@@ -72,6 +79,38 @@ def test_causal_tiles_above_the_diagonal_are_skipped():
                                            lambda n: tuple(k_ranges[0, j, 0]), j * 8))
                     for j in range(4)] for i in range(4)])
   np.testing.assert_array_equal(live, np.tril(np.ones((4, 4), bool)))
+
+
+def test_sliding_window_tiles_outside_the_band_are_skipped_and_not_fetched():
+  # Positions 0..63 in tiles of 8, window 16: query tile i meets key tiles i-2..i (the
+  # pair closest in tile i-2 is 8i - (8i - 9) = 9 apart, in tile i-3 it is 17).
+  spec = masking.MaskSpec(causal=True, sliding_window=16)
+  positions = jnp.arange(64, dtype=jnp.int32)[None, :]
+  q_ranges = masking.tile_ranges(positions[:, :, None], 8, 1)
+  k_ranges = masking.tile_ranges(positions[:, None, :], 8, 2)
+  qr, kr = np.asarray(q_ranges), np.asarray(k_ranges)
+  live = np.array([[bool(masking.tile_live(spec, lambda n: tuple(qr[0, i, 0]),
+                                           lambda n: tuple(kr[0, j, 0]), j * 8))
+                    for j in range(8)] for i in range(8)])
+  band = np.tril(np.ones((8, 8), bool)) & ~np.tril(np.ones((8, 8), bool), -3)
+  np.testing.assert_array_equal(live, band)
+  # The TPU index maps clamp key tiles into each query tile's window, so the tiles before
+  # the band are never fetched (nor, in dK/dV, the query tiles past it).
+  windows = np.asarray(masking.live_windows(spec, q_ranges, k_ranges, 8, over_keys=True))
+  np.testing.assert_array_equal(windows[0], [[max(i - 2, 0), i] for i in range(8)])
+  windows = np.asarray(masking.live_windows(spec, q_ranges, k_ranges, 8, over_keys=False))
+  np.testing.assert_array_equal(windows[0], [[j, min(j + 2, 7)] for j in range(8)])
+
+
+def test_alibi_alone_adds_the_position_column_and_masks_nothing():
+  spec = masking.MaskSpec(alibi=True)
+  assert spec.columns == ("position",)
+  query_ids, key_ids = masking.stack_ids(spec, 1, 3, 5)
+  distance = masking.tile_distance(lambda n: query_ids[0, :, 0][:, None],
+                                   lambda n: key_ids[0, 0, :][None, :], 3, 5)
+  np.testing.assert_array_equal(np.asarray(distance),
+                                np.arange(5)[None, :] - np.arange(3)[:, None])
+  assert masking.tile_allowed(spec, None, None, 0, 3, 5) is None
 
 
 def test_block_sizes_reject_non_positive_and_non_integer_sizes():

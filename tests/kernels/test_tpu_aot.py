@@ -32,8 +32,9 @@ def _mesh(topology: str) -> jax.sharding.Mesh:
 
 
 def _loss(mesh, q, k, v, q_x, lat_k, lat_v, q_dec, cache_k, cache_v, segment_ids,
-          image_index, image_ids, decode_position):
-  """Sum of three attentions (packed causal GQA, Flamingo cross, decode) through the API."""
+          image_index, image_ids, decode_position, alibi_slopes):
+  """Sum of four attentions (packed causal GQA, Flamingo cross, decode, and causal GQA under
+  a sliding window with ALiBi) through the API."""
   b, t = segment_ids.shape
   self_attn = attention(q, k, v, causal=True, query_segment_ids=segment_ids,
                         key_segment_ids=segment_ids, backend="pallas_tpu", mesh=mesh)
@@ -43,7 +44,10 @@ def _loss(mesh, q, k, v, q_x, lat_k, lat_v, q_dec, cache_k, cache_v, segment_ids
   positions = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (b, cache_len))
   decode = attention(q_dec, cache_k, cache_v, causal=True, query_positions=decode_position,
                      key_positions=positions, backend="pallas_tpu", mesh=mesh)
-  return sum(jnp.sum(x.astype(jnp.float32)) for x in (self_attn, cross_attn, decode))
+  # A window of 300 positions: a query tile (128) meets 3 to 4 of the 8 key tiles (128).
+  windowed = attention(q, k, v, causal=True, sliding_window=300, alibi_slopes=alibi_slopes,
+                       backend="pallas_tpu", mesh=mesh)
+  return sum(jnp.sum(x.astype(jnp.float32)) for x in (self_attn, cross_attn, decode, windowed))
 
 
 @pytest.mark.tpu_aot
@@ -67,11 +71,12 @@ def test_pallas_tpu_kernels_compile_forward_and_backward_for_tpu(topology):
       arg((b, cache_len, g, d), bf16, *heads),
       arg((b, t), jnp.int32, "data"), arg((b, t), jnp.int32, "data"),
       arg((b, images * latents), jnp.int32, "data"), arg((b, 1), jnp.int32, "data"),
+      arg((h,), jnp.float32, "tensor"),
   )
   step = jax.jit(jax.value_and_grad(lambda *a: _loss(mesh, *a), argnums=tuple(range(9))))
   compiled = step.lower(*args).compile()
   text = compiled.as_text()
   # The three kernels of each attention are Mosaic custom calls in the TPU program.
-  assert text.count("tpu_custom_call") >= 9, text.count("tpu_custom_call")
+  assert text.count("tpu_custom_call") >= 12, text.count("tpu_custom_call")
   memory = compiled.memory_analysis()
   assert memory.argument_size_in_bytes > 0

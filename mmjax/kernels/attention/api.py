@@ -218,9 +218,12 @@ def attention(
       ``reference.py``). Decode over a KV cache: ``causal=True``, ``query_positions``
       [B, 1] the current position, ``key_positions`` the cache slots' positions.
     sliding_window: with ``causal``, each query sees only keys less than this many
-      positions back (Mistral); None: no window.
+      positions back (Mistral); None: no window. The Pallas kernels skip (and on TPU
+      do not fetch) the key tiles wholly outside the window.
     alibi_slopes: Float[H] ALiBi slopes (MPT): ``slopes[h] * (key_position -
-      query_position)`` is added to head h's logits; None: no bias.
+      query_position)`` is added to head h's logits; None: no bias. The slopes are
+      treated as constants: no gradient flows to them (``stop_gradient``; MPT fixes them).
+      The Pallas kernels rebuild the bias per tile from the positions.
     scale: multiplies the logits; default ``head_dim ** -0.5``.
     backend: an :class:`AttentionBackend` or its string value; None picks one by
       platform and size (module docstring).
@@ -247,6 +250,10 @@ def attention(
   if alibi_slopes is not None and tuple(alibi_slopes.shape) != (h,):
     raise ValueError(f"alibi_slopes has shape {tuple(alibi_slopes.shape)}; expected ({h},), one slope per "
                      "query head")
+  if alibi_slopes is not None:
+    # The slopes are constants (MPT derives them from the head count) and the kernels give
+    # them no gradient; every backend stops it, so switching backends changes no gradient.
+    alibi_slopes = jax.lax.stop_gradient(alibi_slopes)
   if scale is None:
     scale = d**-0.5
   if backend is None:
@@ -283,10 +290,6 @@ def attention(
       distance = (kp[:, None, :] - qp[:, :, None]).astype(jnp.float32)
       bias = alibi_slopes.astype(jnp.float32)[None, :, None, None] * distance[:, None]  # [B, H, T, S]
     return _cudnn(query, key, value, allowed, scale, bias)
-  if sliding_window is not None or alibi_slopes is not None:
-    raise ValueError(f"backend={backend.value} does not take sliding_window or alibi_slopes yet; expected "
-                     "backend='xla' or 'cudnn' for them")
-
   if interpret is None:
     interpret = getattr(_interpret, "on", False)
   if backend is AttentionBackend.PALLAS_TPU:
@@ -298,6 +301,8 @@ def attention(
       segments=query_segment_ids is not None,
       images=query_image_index is not None,
       only_attend_immediate_media=only_attend_immediate_media,
+      sliding_window=sliding_window,
+      alibi=alibi_slopes is not None,
   )
   del mask_kwargs["causal"]
   query_ids, key_ids = masking.stack_ids(spec, b, t, s, **mask_kwargs)
@@ -305,19 +310,22 @@ def attention(
   if block_sizes is None and backend is AttentionBackend.PALLAS_TPU:
     block_sizes = BlockSizes.for_tpu(_tpu_generation(_context_mesh(mesh)))
 
-  def call(q, k, v, q_ids, k_ids):
+  def call(q, k, v, q_ids, k_ids, slopes):
     return kernel.flash_attention(q, k, v, q_ids, k_ids, spec=spec, scale=scale,
-                                  block_sizes=block_sizes, interpret=interpret)
+                                  alibi_slopes=slopes, block_sizes=block_sizes,
+                                  interpret=interpret)
 
   mesh = _context_mesh(mesh)
   if mesh is None:
-    return call(query, key, value, query_ids, key_ids)
+    return call(query, key, value, query_ids, key_ids, alibi_slopes)
   batch_axes, heads_axis = _mesh_axes(mesh, b, h, g)
   batch_spec = batch_axes if batch_axes else None
   qkv_spec = PartitionSpec(batch_spec, None, heads_axis, None)
   ids_spec = PartitionSpec(batch_spec, None, None)
-  args = (query, key, value, query_ids, key_ids)
-  specs = (qkv_spec, qkv_spec, qkv_spec, ids_spec, ids_spec)
+  # Each shard's kernel indexes the slopes by its local head: they split with the heads.
+  slopes_spec = PartitionSpec(heads_axis)
+  args = (query, key, value, query_ids, key_ids, alibi_slopes)
+  specs = (qkv_spec, qkv_spec, qkv_spec, ids_spec, ids_spec, slopes_spec)
   if getattr(mesh, "explicit_axes", ()):
     # Explicit-sharding meshes make shard_map check, not change, its inputs' shardings.
     args = tuple(None if x is None else jax.sharding.reshard(x, spec)

@@ -7,7 +7,9 @@ Same semantics as ``tpu.py`` and ``reference.py``: the mask is rebuilt per tile 
 integer ids, tiles with no allowed pair are skipped (decided from the min/max of the
 ids of the two tiles, computed in-kernel; each program loops only over the window of
 tiles that may be live, from ``masking.live_windows``), softmax statistics are float32 and a query
-row with no allowed key outputs zeros. The kernels read [B, T, H, K] directly (no
+row with no allowed key outputs zeros. ALiBi is rebuilt inside the tile from the position
+ids and the program's head slope (a one-element block of the [H] slopes; no gradient
+flows to them). The kernels read [B, T, H, K] directly (no
 transposes): a program owns one query tile of one head and loops over key tiles.
 
 Why the Triton lowering and not Mosaic GPU: the Triton lowering runs on every GPU
@@ -69,7 +71,8 @@ def _columns(ids_refs, cfg: _Config):
 
 
 def _tile_live_and_mask(cfg, q_cols, k_cols, q_slice, k_slice, key_start, block_q, block_kv):
-  """(live scalar or None, a function giving the tile's mask or None)."""
+  """(live scalar or None, a function giving the tile's mask or None, a function giving
+  its ALiBi distance key_position - query_position)."""
   spec = cfg.spec
   q_ids = {name: ref[q_slice] for name, ref in q_cols.items()}
   k_ids = {name: ref[k_slice] for name, ref in k_cols.items()}
@@ -84,7 +87,19 @@ def _tile_live_and_mask(cfg, q_cols, k_cols, q_slice, k_slice, key_start, block_
         spec, lambda name: q_ids[name][:, None], lambda name: k_ids[name][None, :],
         key_start, block_q, block_kv)
 
-  return live, mask
+  def distance():
+    return masking.tile_distance(lambda name: q_ids[name][:, None],
+                                 lambda name: k_ids[name][None, :], block_q, block_kv)
+
+  return live, mask, distance
+
+
+def _logits(cfg: _Config, q, k, slope, distance):
+  """Float32 scaled logits of one tile, plus ``slope * distance()`` with ALiBi."""
+  logits = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+  if cfg.spec.alibi:
+    logits = logits + slope * distance()
+  return logits
 
 
 def _maybe(live, compute, carry):
@@ -113,24 +128,24 @@ def _window_loop(cfg: _Config, window_ref, num_tiles: int, body, init):
   return jax.lax.fori_loop(0, num_tiles, guarded, init)
 
 
-def _forward_kernel(window_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
+def _forward_kernel(window_ref, slope_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
   c = len(cfg.spec.columns)
   q_cols, k_cols = _columns(refs[:2 * c], cfg)
   o_ref, lse_ref = refs[2 * c:]
   block_q, block_kv = cfg.block_q, cfg.block_kv
   q = q_ref[...]
   d = q.shape[-1]
+  slope = slope_ref[0]
 
   def body(j, carry):
     key_start = j * block_kv
     k_slice = pl.ds(key_start, block_kv)
-    live, mask = _tile_live_and_mask(cfg, q_cols, k_cols, slice(None), k_slice, key_start,
-                                     block_q, block_kv)
+    live, mask, distance = _tile_live_and_mask(cfg, q_cols, k_cols, slice(None), k_slice,
+                                               key_start, block_q, block_kv)
 
     def compute(carry):
       acc, m_prev, l_prev = carry
-      logits = jax.lax.dot_general(q, k_ref[k_slice, :], _NT,
-                                   preferred_element_type=jnp.float32) * cfg.scale
+      logits = _logits(cfg, q, k_ref[k_slice, :], slope, distance)
       allowed = mask()
       if allowed is not None:
         logits = jnp.where(allowed, logits, -jnp.inf)
@@ -165,7 +180,12 @@ def _id_inputs(cfg, query_ids, key_ids):
   return ([query_ids[:, :, n] for n in range(c)], [key_ids[:, n, :] for n in range(c)])
 
 
-def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
+def _slopes(slopes, heads: int):
+  """Float32[H]: the ALiBi slopes, or zeros (never read) when the call has none."""
+  return jnp.zeros((heads,), jnp.float32) if slopes is None else slopes.astype(jnp.float32)
+
+
+def _forward(cfg: _Config, q, k, v, query_ids, key_ids, slopes):
   """(out [B, T, H, K], lse Float32[B, H, T]) for q [B, T, H, K], k, v [B, S, G, K]."""
   b, t, h, d = q.shape
   s, g = k.shape[1], k.shape[2]
@@ -175,6 +195,7 @@ def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
                                 True, b, t // cfg.block_q, s // cfg.block_kv).reshape(b, -1)
   in_specs = [
       pl.BlockSpec((None, 2), lambda b_, h_, i: (b_, i)),
+      pl.BlockSpec((1,), lambda b_, h_, i: (h_,)),
       pl.BlockSpec((None, cfg.block_q, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
       pl.BlockSpec((None, s, None, d), lambda b_, h_, i: (b_, 0, h_ // rep, 0)),
       pl.BlockSpec((None, s, None, d), lambda b_, h_, i: (b_, 0, h_ // rep, 0)),
@@ -194,11 +215,11 @@ def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
       compiler_params=None if cfg.interpret else _compiler_params(4 if d <= 64 else 8, 2),
       interpret=cfg.interpret,
       name="mmjax_flash_forward",
-  )(windows, q, k, v, *q_id_cols, *k_id_cols)
+  )(windows, _slopes(slopes, h), q, k, v, *q_id_cols, *k_id_cols)
 
 
-def _probabilities(cfg, q, k, lse, mask):
-  logits = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+def _probabilities(cfg, q, k, lse, mask, slope, distance):
+  logits = _logits(cfg, q, k, slope, distance)
   probs = jnp.exp(logits - lse[:, None])
   allowed = mask()
   if allowed is not None:
@@ -206,7 +227,7 @@ def _probabilities(cfg, q, k, lse, mask):
   return probs
 
 
-def _dkv_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+def _dkv_kernel(window_ref, slope_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                 cfg: _Config):
   c = len(cfg.spec.columns)
   q_cols, k_cols = _columns(refs[:2 * c], cfg)
@@ -215,16 +236,17 @@ def _dkv_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
   key_start = pl.program_id(2) * block_kv
   k, v = k_ref[...], v_ref[...]
   d = k.shape[-1]
+  slope = slope_ref[0]
 
   def body(i, carry):
     q_slice = pl.ds(i * block_q, block_q)
-    live, mask = _tile_live_and_mask(cfg, q_cols, k_cols, q_slice, slice(None), key_start,
-                                     block_q, block_kv)
+    live, mask, distance = _tile_live_and_mask(cfg, q_cols, k_cols, q_slice, slice(None),
+                                               key_start, block_q, block_kv)
 
     def compute(carry):
       dk, dv = carry
       q, do = q_ref[q_slice, :], do_ref[q_slice, :]
-      probs = _probabilities(cfg, q, k, lse_ref[q_slice], mask)
+      probs = _probabilities(cfg, q, k, lse_ref[q_slice], mask, slope, distance)
       dv = dv + jax.lax.dot_general(probs.astype(do.dtype), do, _TN,
                                     preferred_element_type=jnp.float32)
       dprobs = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
@@ -241,23 +263,24 @@ def _dkv_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
   dv_ref[...] = dv
 
 
-def _dq_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+def _dq_kernel(window_ref, slope_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                cfg: _Config):
   c = len(cfg.spec.columns)
   q_cols, k_cols = _columns(refs[:2 * c], cfg)
   (dq_ref,) = refs[2 * c:]
   block_q, block_kv = cfg.block_q_bwd, cfg.block_kv_bwd
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  slope = slope_ref[0]
 
   def body(j, dq):
     key_start = j * block_kv
     k_slice = pl.ds(key_start, block_kv)
-    live, mask = _tile_live_and_mask(cfg, q_cols, k_cols, slice(None), k_slice, key_start,
-                                     block_q, block_kv)
+    live, mask, distance = _tile_live_and_mask(cfg, q_cols, k_cols, slice(None), k_slice,
+                                               key_start, block_q, block_kv)
 
     def compute(dq):
       k, v = k_ref[k_slice, :], v_ref[k_slice, :]
-      probs = _probabilities(cfg, q, k, lse, mask)
+      probs = _probabilities(cfg, q, k, lse, mask, slope, distance)
       dprobs = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
       dlogits = probs * (dprobs - delta[:, None])
       return dq + jax.lax.dot_general(dlogits.astype(k.dtype), k, _NN,
@@ -270,7 +293,7 @@ def _dq_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
+def _backward(cfg: _Config, q, k, v, query_ids, key_ids, slopes, out, lse, dout):
   b, t, h, d = q.shape
   s, g = k.shape[1], k.shape[2]
   rep = h // g
@@ -279,6 +302,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   delta = jnp.einsum("BTHK,BTHK->BHT", dout.astype(jnp.float32), out.astype(jnp.float32))
   q_id_cols, k_id_cols = _id_inputs(cfg, query_ids, key_ids)
   params = None if cfg.interpret else _compiler_params(4 if d <= 64 else 8, 1)
+  slopes = _slopes(slopes, h)
 
   # dK, dV per query head: program (b, h, key tile j) loops over all query tiles.
   full_q = pl.BlockSpec((None, t, None, d), lambda b_, h_, j: (b_, 0, h_, 0))
@@ -288,6 +312,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   dkv_windows = masking.windows_for(cfg.spec, query_ids, key_ids, block_q, block_kv, False,
                                     b, nk, nq).reshape(b, -1)
   in_specs = [pl.BlockSpec((None, 2), lambda b_, h_, j: (b_, j)),
+              pl.BlockSpec((1,), lambda b_, h_, j: (h_,)),
               full_q, kv_tile, kv_tile, full_q, full_row, full_row]
   in_specs += [pl.BlockSpec((None, t), lambda b_, h_, j: (b_, 0))] * len(q_id_cols)
   in_specs += [pl.BlockSpec((None, block_kv), lambda b_, h_, j: (b_, j))] * len(k_id_cols)
@@ -301,7 +326,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
       compiler_params=params,
       interpret=cfg.interpret,
       name="mmjax_flash_dkv",
-  )(dkv_windows, q, k, v, dout, lse, delta, *q_id_cols, *k_id_cols)
+  )(dkv_windows, slopes, q, k, v, dout, lse, delta, *q_id_cols, *k_id_cols)
   dk = dk.reshape(b, s, g, rep, d).sum(axis=3).astype(k.dtype)
   dv = dv.reshape(b, s, g, rep, d).sum(axis=3).astype(v.dtype)
 
@@ -312,6 +337,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   dq_windows = masking.windows_for(cfg.spec, query_ids, key_ids, block_q, block_kv, True,
                                    b, nq, nk).reshape(b, -1)
   in_specs = [pl.BlockSpec((None, 2), lambda b_, h_, i: (b_, i)),
+              pl.BlockSpec((1,), lambda b_, h_, i: (h_,)),
               q_tile, full_kv, full_kv, q_tile, row_tile, row_tile]
   in_specs += [pl.BlockSpec((None, block_q), lambda b_, h_, i: (b_, i))] * len(q_id_cols)
   in_specs += [pl.BlockSpec((None, s), lambda b_, h_, i: (b_, 0))] * len(k_id_cols)
@@ -324,7 +350,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
       compiler_params=params,
       interpret=cfg.interpret,
       name="mmjax_flash_dq",
-  )(dq_windows, q, k, v, dout, lse, delta, *q_id_cols, *k_id_cols)
+  )(dq_windows, slopes, q, k, v, dout, lse, delta, *q_id_cols, *k_id_cols)
   return dq, dk, dv
 
 
@@ -345,6 +371,7 @@ def flash_attention(
     *,
     spec: masking.MaskSpec,
     scale: float,
+    alibi_slopes: jax.Array | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -353,7 +380,8 @@ def flash_attention(
   ``query_ids`` [B, T, C] and ``key_ids`` [B, C, S] are the stacked ids of
   :func:`masking.stack_ids`. Lengths that are not a multiple of the tiles are padded
   here (padded keys are masked, padded query rows dropped); the head dim is not padded,
-  so on GPU it must be a power of two (16 or more).
+  so on GPU it must be a power of two (16 or more). ``alibi_slopes`` Float[H] (with
+  ``spec.alibi``) are constants: no gradient flows to them.
   """
   block_sizes = block_sizes or BlockSizes.for_gpu()
   block_sizes.check_gpu()
@@ -375,5 +403,6 @@ def flash_attention(
                masking.pad_axis(key, 1, s_pad),
                masking.pad_axis(value, 1, s_pad),
                masking.pad_axis(query_ids, 1, t_pad),
-               masking.pad_axis(key_ids, 2, s_pad))
+               masking.pad_axis(key_ids, 2, s_pad),
+               masking.checked_slopes(spec, alibi_slopes, h))
   return out[:, :t]

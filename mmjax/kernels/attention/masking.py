@@ -4,7 +4,9 @@ Dimension letters: B batch, T query length, S key length, C id columns, n tiles.
 
 The kernels never see a dense [T, S] mask. Each query carries up to three integer ids
 (its position, its segment, the index of its last image) and each key the matching three
-(position, segment, image id). The wrapper stacks the ids that the call uses into
+(position, segment, image id). Positions also serve the sliding window (a band of the
+causal mask) and ALiBi (a bias ``slope * (key_position - query_position)`` rebuilt per
+tile by :func:`tile_distance`), so no dense [T, S] mask or bias exists anywhere. The wrapper stacks the ids that the call uses into
 ``query_ids`` [B, T, C] and ``key_ids`` [B, C, S] (columns in the order of
 :attr:`MaskSpec.columns`), and a kernel rebuilds the [block_q, block_kv] mask of one tile
 from the two id tiles.
@@ -35,11 +37,26 @@ class MaskSpec:
   # The unpadded key length; keys at or past it are padding and always masked. None when
   # the key length needed no padding.
   key_length: int | None = None
+  # With causal: a query sees only keys fewer than this many positions back. None: no window.
+  sliding_window: int | None = None
+  # ALiBi: the kernels add slope[h] * (key_position - query_position) to the logits; the
+  # slopes are a kernel input, only the need for positions is static.
+  alibi: bool = False
+
+  def __post_init__(self):
+    if self.sliding_window is not None and (not self.causal or self.sliding_window < 1):
+      raise ValueError(f"MaskSpec.sliding_window={self.sliding_window} needs causal=True and "
+                       "a positive window")
+
+  @property
+  def positions(self) -> bool:
+    """Whether the kernels read positions (the causal mask, its window, or ALiBi)."""
+    return self.causal or self.alibi
 
   @property
   def columns(self) -> tuple[str, ...]:
     """The id columns the kernels read, in order."""
-    return tuple(name for name, used in (("position", self.causal),
+    return tuple(name for name, used in (("position", self.positions),
                                          ("segment", self.segments),
                                          ("image", self.images)) if used)
 
@@ -64,8 +81,8 @@ def stack_ids(
   if not spec.columns:
     return None, None
   query_columns, key_columns = [], []
-  if spec.causal:
-    # Causal attention without explicit positions is causal over the index.
+  if spec.positions:
+    # Without explicit positions, causal masks and ALiBi distances are over the index.
     if query_positions is None:
       query_positions = jnp.broadcast_to(jnp.arange(query_length, dtype=jnp.int32),
                                          (batch, query_length))
@@ -101,8 +118,11 @@ def tile_allowed(spec: MaskSpec, query_column: Callable, key_column: Callable, k
   q_col, k_col = query_column, key_column
   shape = (block_q, block_kv)
   if spec.causal:
-    allowed = conj(allowed, jnp.broadcast_to(k_col("position"), shape)
-                   <= jnp.broadcast_to(q_col("position"), shape))
+    q_pos = jnp.broadcast_to(q_col("position"), shape)
+    k_pos = jnp.broadcast_to(k_col("position"), shape)
+    allowed = conj(allowed, k_pos <= q_pos)
+    if spec.sliding_window is not None:
+      allowed = conj(allowed, q_pos - k_pos < spec.sliding_window)
   if spec.segments:
     allowed = conj(allowed, jnp.broadcast_to(q_col("segment"), shape)
                    == jnp.broadcast_to(k_col("segment"), shape))
@@ -115,6 +135,18 @@ def tile_allowed(spec: MaskSpec, query_column: Callable, key_column: Callable, k
     key_index = key_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     allowed = conj(allowed, key_index < spec.key_length)
   return allowed
+
+
+def tile_distance(query_column: Callable, key_column: Callable, block_q: int,
+                  block_kv: int) -> jax.Array:
+  """Float32[block_q, block_kv]: ``key_position - query_position`` of one tile, the ALiBi
+  distance (the kernel multiplies it by its head's slope). Arguments as for
+  :func:`tile_allowed`; the difference is taken in int32, then converted, as the
+  reference does."""
+  shape = (block_q, block_kv)
+  distance = (jnp.broadcast_to(key_column("position"), shape)
+              - jnp.broadcast_to(query_column("position"), shape))
+  return distance.astype(jnp.float32)
 
 
 def tile_ranges(ids: jax.Array, block: int, axis: int) -> jax.Array:
@@ -139,9 +171,13 @@ def tile_live(spec: MaskSpec, query_range: Callable, key_range: Callable, key_st
     return b if a is None else jnp.logical_and(a, b)
 
   if spec.causal:
-    _, q_max = query_range("position")
-    k_min, _ = key_range("position")
+    q_min, q_max = query_range("position")
+    k_min, k_max = key_range("position")
     live = conj(live, k_min <= q_max)
+    if spec.sliding_window is not None:
+      # The closest pair is the first query and the last key: if even it is a window or
+      # more apart, every pair is.
+      live = jnp.logical_and(live, q_min - k_max < spec.sliding_window)
   if spec.segments:
     q_min, q_max = query_range("segment")
     k_min, k_max = key_range("segment")
@@ -155,6 +191,22 @@ def tile_live(spec: MaskSpec, query_range: Callable, key_range: Callable, key_st
   if spec.key_length is not None:
     live = conj(live, key_start < spec.key_length)
   return live
+
+
+def checked_slopes(spec: MaskSpec, alibi_slopes: jax.Array | None, heads: int):
+  """Float32[H] ALiBi slopes as the kernels take them (None without ``spec.alibi``).
+
+  The slopes are constants of the model, so their gradient is stopped here: the kernels'
+  custom_vjp gives them no cotangent.
+  """
+  if (alibi_slopes is not None) != spec.alibi:
+    raise ValueError(f"alibi_slopes is {'given' if alibi_slopes is not None else 'None'} but "
+                     f"MaskSpec.alibi={spec.alibi}; expected both or neither")
+  if alibi_slopes is None:
+    return None
+  if tuple(alibi_slopes.shape) != (heads,):
+    raise ValueError(f"alibi_slopes has shape {tuple(alibi_slopes.shape)}; expected ({heads},)")
+  return jax.lax.stop_gradient(alibi_slopes.astype(jnp.float32))
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -180,7 +232,8 @@ def live_windows(spec: MaskSpec, query_ranges, key_ranges, block_kv: int,
   forward and dQ kernels), else the reverse (the dK/dV kernel). ``query_ranges`` and
   ``key_ranges`` are :func:`tile_ranges` ([B, n, C, 2]; None when there are no ids).
   Tiles outside the window are dead, so a kernel may clamp its block index into it: a
-  repeated block index is not fetched again, which saves the DMA of dead tiles. A window
+  repeated block index is not fetched again, which saves the DMA of dead tiles (causal:
+  those past the diagonal; a sliding window: also those before the band). A window
   with no live tile is (0, 0).
   """
   nq = query_ranges.shape[1]

@@ -6,7 +6,9 @@ heads (R = H // G queries share a key/value head), K head dim, C id columns.
 The mask is rebuilt per tile from integer ids (``masking.py``); a tile that no query of
 it may attend to is skipped, decided from per-tile id ranges held in SMEM (scalar
 prefetch). Softmax statistics (running max, sum, log-sum-exp) are float32; a query row
-with no allowed key outputs zeros and gets zero gradients.
+with no allowed key outputs zeros and gets zero gradients. ALiBi is computed inside the
+tile from the position ids and the head's slope, which sits in SMEM with the ranges (the
+slopes are constants: no gradient flows to them).
 
 Inside the kernels the arrays are head-major ([B, H, T, K]) so that a tile is a
 (rows, head_dim) matrix in VMEM, the layout the MXU wants.
@@ -85,9 +87,9 @@ def _live(cfg: _Config, q_ranges_ref, k_ranges_ref, b, i, j, num_q_tiles, num_k_
   return True if live is None else live
 
 
-def _tile_allowed(cfg: _Config, q_ids_ref, k_ids_ref, key_start, block_q, block_kv):
-  """Bool[block_q, block_kv] mask of one tile, from the [block_q, C] and [C, block_kv]
-  id tiles in VMEM."""
+def _id_columns(cfg: _Config, q_ids_ref, k_ids_ref):
+  """(query_column, key_column): readers of one id column as [block_q, 1] and
+  [1, block_kv] from the [block_q, C] and [C, block_kv] id tiles in VMEM."""
   spec = cfg.spec
 
   def query_column(name):
@@ -98,7 +100,26 @@ def _tile_allowed(cfg: _Config, q_ids_ref, k_ids_ref, key_start, block_q, block_
     c = spec.column(name)
     return k_ids_ref[c:c + 1, :]
 
-  return masking.tile_allowed(spec, query_column, key_column, key_start, block_q, block_kv)
+  return query_column, key_column
+
+
+def _tile_allowed(cfg: _Config, q_ids_ref, k_ids_ref, key_start, block_q, block_kv):
+  """Bool[block_q, block_kv] mask of one tile (None if every pair is allowed)."""
+  if q_ids_ref is None and cfg.spec.key_length is None:
+    return None
+  query_column, key_column = _id_columns(cfg, q_ids_ref, k_ids_ref)
+  return masking.tile_allowed(cfg.spec, query_column, key_column, key_start, block_q, block_kv)
+
+
+def _logits(cfg: _Config, q, k, slopes_ref, head, q_ids_ref, k_ids_ref, block_q, block_kv):
+  """Float32[block_q, block_kv]: scaled logits of one tile of query head ``head``, plus its
+  ALiBi bias when the call has one."""
+  logits = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+  if cfg.spec.alibi:
+    query_column, key_column = _id_columns(cfg, q_ids_ref, k_ids_ref)
+    logits = logits + slopes_ref[head] * masking.tile_distance(query_column, key_column,
+                                                               block_q, block_kv)
+  return logits
 
 
 def _when(condition):
@@ -108,13 +129,14 @@ def _when(condition):
   return pl.when(condition)
 
 
-def _forward_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
+def _forward_kernel(q_ranges_ref, k_ranges_ref, windows_ref, slopes_ref, q_ref, k_ref, v_ref, *refs,
+                    cfg: _Config):
   if cfg.spec.columns:
     q_ids_ref, k_ids_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch = refs
   else:
     q_ids_ref = k_ids_ref = None
     o_ref, lse_ref, m_scratch, l_scratch, acc_scratch = refs
-  b, _, i, j = (pl.program_id(axis) for axis in range(4))
+  b, head, i, j = (pl.program_id(axis) for axis in range(4))
   num_q_tiles, num_k_tiles = pl.num_programs(2), pl.num_programs(3)
   block_q, block_kv = cfg.block_q, cfg.block_kv
 
@@ -128,12 +150,9 @@ def _forward_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref
 
   @_when(live)
   def _tile():
-    q = q_ref[...]
-    logits = jax.lax.dot_general(q, k_ref[...], _NT, preferred_element_type=jnp.float32)
-    logits = logits * cfg.scale
-    allowed = None
-    if q_ids_ref is not None or cfg.spec.key_length is not None:
-      allowed = _tile_allowed(cfg, q_ids_ref, k_ids_ref, j * block_kv, block_q, block_kv)
+    logits = _logits(cfg, q_ref[...], k_ref[...], slopes_ref, head, q_ids_ref, k_ids_ref,
+                     block_q, block_kv)
+    allowed = _tile_allowed(cfg, q_ids_ref, k_ids_ref, j * block_kv, block_q, block_kv)
     if allowed is not None:
       logits = jnp.where(allowed, logits, -jnp.inf)
     m_prev = m_scratch[...]
@@ -165,7 +184,14 @@ def _id_specs(cfg: _Config, block_q, block_kv, q_index, k_index):
   return [pl.BlockSpec((None, block_q, c), q_index), pl.BlockSpec((None, c, block_kv), k_index)]
 
 
-def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
+def _slopes_1d(slopes):
+  """Float32[H] ALiBi slopes for SMEM, or a placeholder when the call has none."""
+  if slopes is None:
+    return jnp.zeros((1,), jnp.float32)
+  return slopes.astype(jnp.float32)
+
+
+def _forward(cfg: _Config, q, k, v, query_ids, key_ids, slopes):
   """(out [B, H, T, K], lse Float32[B, H, T, 1]) for head-major q [B, H, T, K], k, v
   [B, G, S, K]."""
   b, h, t, d = q.shape
@@ -178,7 +204,7 @@ def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
   nq, nk = grid[2], grid[3]
   windows = _windows_1d(cfg, query_ids, key_ids, cfg.block_q, cfg.block_kv, True, b, nq, nk)
   q_map = lambda b_, h_, i, j, *_: (b_, h_, i, 0)
-  kv_map = lambda b_, h_, i, j, qr, kr, w: (b_, h_ // rep, _clamp(w, b_, i, nq, j), 0)
+  kv_map = lambda b_, h_, i, j, qr, kr, w, *_: (b_, h_ // rep, _clamp(w, b_, i, nq, j), 0)
   in_specs = [
       pl.BlockSpec((None, None, cfg.block_q, d), q_map),
       pl.BlockSpec((None, None, cfg.block_kv, d), kv_map),
@@ -188,12 +214,12 @@ def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
   if cfg.spec.columns:
     in_specs += _id_specs(cfg, cfg.block_q, cfg.block_kv,
                           lambda b_, h_, i, j, *_: (b_, i, 0),
-                          lambda b_, h_, i, j, qr, kr, w: (b_, 0, _clamp(w, b_, i, nq, j)))
+                          lambda b_, h_, i, j, qr, kr, w, *_: (b_, 0, _clamp(w, b_, i, nq, j)))
     args += [query_ids, key_ids]
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
+          num_scalar_prefetch=4,
           grid=grid,
           in_specs=in_specs,
           out_specs=[
@@ -214,29 +240,31 @@ def _forward(cfg: _Config, q, k, v, query_ids, key_ids):
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret_params(cfg.interpret),
       name="mmjax_flash_forward",
-  )(q_ranges, k_ranges, windows, *args)
+  )(q_ranges, k_ranges, windows, _slopes_1d(slopes), *args)
   return out, lse
 
 
-def _probabilities(cfg, q, k, lse, q_ids_ref, k_ids_ref, key_start, block_q, block_kv):
+def _probabilities(cfg, q, k, lse, slopes_ref, head, q_ids_ref, k_ids_ref, key_start, block_q,
+                   block_kv):
   """Float32[block_q, block_kv]: the softmax weights of one tile, recomputed."""
-  logits = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+  logits = _logits(cfg, q, k, slopes_ref, head, q_ids_ref, k_ids_ref, block_q, block_kv)
   probs = jnp.exp(logits - lse)
-  if q_ids_ref is not None or cfg.spec.key_length is not None:
-    allowed = _tile_allowed(cfg, q_ids_ref, k_ids_ref, key_start, block_q, block_kv)
+  allowed = _tile_allowed(cfg, q_ids_ref, k_ids_ref, key_start, block_q, block_kv)
+  if allowed is not None:
     probs = jnp.where(allowed, probs, 0.0)
   return probs
 
 
-def _dkv_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                *refs, cfg: _Config):
+def _dkv_kernel(q_ranges_ref, k_ranges_ref, windows_ref, slopes_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, *refs, cfg: _Config):
   if cfg.spec.columns:
     q_ids_ref, k_ids_ref, dk_ref, dv_ref, dk_scratch, dv_scratch = refs
   else:
     q_ids_ref = k_ids_ref = None
     dk_ref, dv_ref, dk_scratch, dv_scratch = refs
-  b, _, j, r, i = (pl.program_id(axis) for axis in range(5))
+  b, kv_head, j, r, i = (pl.program_id(axis) for axis in range(5))
   num_k_tiles, num_rep, num_q_tiles = (pl.num_programs(axis) for axis in (2, 3, 4))
+  head = kv_head * num_rep + r
   block_q, block_kv = cfg.block_q_bwd, cfg.block_kv_bwd
 
   @pl.when(jnp.logical_and(r == 0, i == 0))
@@ -249,8 +277,8 @@ def _dkv_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref, do
   @_when(live)
   def _tile():
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    probs = _probabilities(cfg, q, k, lse_ref[...], q_ids_ref, k_ids_ref, j * block_kv,
-                           block_q, block_kv)
+    probs = _probabilities(cfg, q, k, lse_ref[...], slopes_ref, head, q_ids_ref, k_ids_ref,
+                           j * block_kv, block_q, block_kv)
     dv_scratch[...] += jax.lax.dot_general(probs.astype(do.dtype).T, do, _NN,
                                            preferred_element_type=jnp.float32)
     dprobs = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
@@ -264,14 +292,14 @@ def _dkv_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref, do
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               *refs, cfg: _Config):
+def _dq_kernel(q_ranges_ref, k_ranges_ref, windows_ref, slopes_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, *refs, cfg: _Config):
   if cfg.spec.columns:
     q_ids_ref, k_ids_ref, dq_ref, dq_scratch = refs
   else:
     q_ids_ref = k_ids_ref = None
     dq_ref, dq_scratch = refs
-  b, _, i, j = (pl.program_id(axis) for axis in range(4))
+  b, head, i, j = (pl.program_id(axis) for axis in range(4))
   num_q_tiles, num_k_tiles = pl.num_programs(2), pl.num_programs(3)
   block_q, block_kv = cfg.block_q_bwd, cfg.block_kv_bwd
 
@@ -284,8 +312,8 @@ def _dq_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref, do_
   @_when(live)
   def _tile():
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    probs = _probabilities(cfg, q, k, lse_ref[...], q_ids_ref, k_ids_ref, j * block_kv,
-                           block_q, block_kv)
+    probs = _probabilities(cfg, q, k, lse_ref[...], slopes_ref, head, q_ids_ref, k_ids_ref,
+                           j * block_kv, block_q, block_kv)
     dprobs = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
     dlogits = probs * (dprobs - delta_ref[...])
     dq_scratch[...] += jax.lax.dot_general(dlogits.astype(k.dtype), k, _NN,
@@ -296,7 +324,7 @@ def _dq_kernel(q_ranges_ref, k_ranges_ref, windows_ref, q_ref, k_ref, v_ref, do_
     dq_ref[...] = (dq_scratch[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
+def _backward(cfg: _Config, q, k, v, query_ids, key_ids, slopes, out, lse, dout):
   b, h, t, d = q.shape
   g, s = k.shape[1], k.shape[2]
   rep = h // g
@@ -305,6 +333,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   q_ranges = _ranges_1d(query_ids, block_q, 1)
   k_ranges = _ranges_1d(key_ids, block_kv, 2)
+  slopes = _slopes_1d(slopes)
   args = [q, k, v, dout, lse, delta]
   if cfg.spec.columns:
     args += [query_ids, key_ids]
@@ -314,7 +343,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   # query tiles (the two innermost, sequential grid axes).
   nq, nk = t // block_q, s // block_kv
   windows = _windows_1d(cfg, query_ids, key_ids, block_q, block_kv, False, b, nk, nq)
-  q_map = lambda b_, g_, j, r, i, qr, kr, w: (b_, g_ * rep + r, _clamp(w, b_, j, nk, i), 0)
+  q_map = lambda b_, g_, j, r, i, qr, kr, w, *_: (b_, g_ * rep + r, _clamp(w, b_, j, nk, i), 0)
   kv_map = lambda b_, g_, j, r, i, *_: (b_, g_, j, 0)
   in_specs = [
       pl.BlockSpec((None, None, block_q, d), q_map),
@@ -326,12 +355,12 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   ]
   if cfg.spec.columns:
     in_specs += _id_specs(cfg, block_q, block_kv,
-                          lambda b_, g_, j, r, i, qr, kr, w: (b_, _clamp(w, b_, j, nk, i), 0),
+                          lambda b_, g_, j, r, i, qr, kr, w, *_: (b_, _clamp(w, b_, j, nk, i), 0),
                           lambda b_, g_, j, r, i, *_: (b_, 0, j))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
+          num_scalar_prefetch=4,
           grid=(b, g, nk, rep, nq),
           in_specs=in_specs,
           out_specs=[pl.BlockSpec((None, None, block_kv, d), kv_map),
@@ -345,12 +374,12 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
           "parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       interpret=_interpret_params(cfg.interpret),
       name="mmjax_flash_dkv",
-  )(q_ranges, k_ranges, windows, *args)
+  )(q_ranges, k_ranges, windows, slopes, *args)
 
   # dQ: one query tile accumulates over all key tiles.
   windows = _windows_1d(cfg, query_ids, key_ids, block_q, block_kv, True, b, nq, nk)
   q_map = lambda b_, h_, i, j, *_: (b_, h_, i, 0)
-  kv_map = lambda b_, h_, i, j, qr, kr, w: (b_, h_ // rep, _clamp(w, b_, i, nq, j), 0)
+  kv_map = lambda b_, h_, i, j, qr, kr, w, *_: (b_, h_ // rep, _clamp(w, b_, i, nq, j), 0)
   in_specs = [
       pl.BlockSpec((None, None, block_q, d), q_map),
       pl.BlockSpec((None, None, block_kv, d), kv_map),
@@ -362,11 +391,11 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
   if cfg.spec.columns:
     in_specs += _id_specs(cfg, block_q, block_kv,
                           lambda b_, h_, i, j, *_: (b_, i, 0),
-                          lambda b_, h_, i, j, qr, kr, w: (b_, 0, _clamp(w, b_, i, nq, j)))
+                          lambda b_, h_, i, j, qr, kr, w, *_: (b_, 0, _clamp(w, b_, i, nq, j)))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
+          num_scalar_prefetch=4,
           grid=(b, h, nq, nk),
           in_specs=in_specs,
           out_specs=pl.BlockSpec((None, None, block_q, d), q_map),
@@ -377,7 +406,7 @@ def _backward(cfg: _Config, q, k, v, query_ids, key_ids, out, lse, dout):
           "parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret_params(cfg.interpret),
       name="mmjax_flash_dq",
-  )(q_ranges, k_ranges, windows, *args)
+  )(q_ranges, k_ranges, windows, slopes, *args)
   return dq, dk, dv
 
 
@@ -399,6 +428,7 @@ def flash_attention(
     *,
     spec: masking.MaskSpec,
     scale: float,
+    alibi_slopes: jax.Array | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -406,7 +436,8 @@ def flash_attention(
 
   ``query_ids`` [B, T, C] and ``key_ids`` [B, C, S] are the stacked ids of
   :func:`masking.stack_ids`. Lengths that are not a multiple of the tiles are padded
-  here (padded keys are masked, padded query rows dropped).
+  here (padded keys are masked, padded query rows dropped). ``alibi_slopes`` Float[H]
+  (with ``spec.alibi``) are constants: no gradient flows to them.
   """
   block_sizes = block_sizes or BlockSizes.for_tpu()
   b, t, h, d = query.shape
@@ -429,7 +460,7 @@ def flash_attention(
   v = jnp.swapaxes(masking.pad_axis(value, 1, s_pad), 1, 2)
   query_ids = masking.pad_axis(query_ids, 1, t_pad)
   key_ids = masking.pad_axis(key_ids, 2, s_pad)
-  out = _flash(cfg, q, k, v, query_ids, key_ids)
+  out = _flash(cfg, q, k, v, query_ids, key_ids, masking.checked_slopes(spec, alibi_slopes, h))
   return jnp.swapaxes(out, 1, 2)[:, :t]
 
 
