@@ -57,6 +57,10 @@ class ViTConfig:
   pre_norm: bool = True
   # LayerNorm after the last block.
   post_norm: bool = True
+  # Whether post_norm applies to the tokens ``__call__`` returns (HF CLIP, open_clip >= 2.23),
+  # or only to the pooled vector (False: open_clip < 2.23 returned its patch tokens without
+  # ln_post, and OpenFlamingo's released checkpoints were trained on those; docs/models.md).
+  post_norm_tokens: bool = True
   # 'quick_gelu' (OpenAI CLIP), 'gelu_tanh' (SigLIP) or 'gelu'.
   activation: str = "quick_gelu"
   # Bias in the patch-embedding convolution (CLIP: no, SigLIP: yes).
@@ -271,7 +275,7 @@ class VisionTransformer(nn.Module):
   """ViT tower: Float[B, H, W, 3] normalised images -> Float[B, P(+1 if class_token), D].
 
   ``__call__`` returns the tokens of ``config.output_layer`` (post-normed when
-  ``config.post_norm``); every block and the pooling head are still built (and their
+  ``config.post_norm`` and ``config.post_norm_tokens``); every block and the pooling head are still built (and their
   parameters created), and jit drops the computation the output does not need.
   Images at another resolution than ``config.image_size`` get learned position embeddings
   resized bicubically as torch does (``resize_posemb``; HF's ``interpolate_pos_encoding``).
@@ -337,10 +341,10 @@ class VisionTransformer(nn.Module):
 
     hidden_states: tuple of depth + 1 Float[B, P(+1), D], the embeddings (after pre_norm)
       then each block's output, no post_norm (HF's ``output_hidden_states`` layout).
-    tokens: what ``__call__`` returns.
+    tokens: what ``__call__`` returns (post-normed when post_norm and post_norm_tokens).
     pooled: Float[B, D]: the MAP head output if map_head; else the CLS token of the last
-      block (post-normed if post_norm: CLIP's pooler_output); else the mean of the last
-      block's (post-normed) tokens.
+      block (post-normed if post_norm, whatever post_norm_tokens says: CLIP's
+      pooler_output); else the mean of the last block's (post-normed) tokens.
     """
     cfg = self.config
     x = self.embed(images)
@@ -349,8 +353,8 @@ class VisionTransformer(nn.Module):
       x = layer(x)
       hidden.append(x)
     norm = self.post_norm if cfg.post_norm else (lambda t: t)
-    tokens = norm(hidden[cfg.output_layer])
-    last = tokens if cfg.output_layer == -1 else norm(hidden[-1])
+    tokens = norm(hidden[cfg.output_layer]) if cfg.post_norm_tokens else hidden[cfg.output_layer]
+    last = tokens if cfg.output_layer == -1 and cfg.post_norm_tokens else norm(hidden[-1])
     if cfg.map_head:
       pooled = self.head(last)
     elif cfg.class_token:

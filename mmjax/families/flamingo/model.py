@@ -61,11 +61,14 @@ MOVED_DECODER_FIELDS = ("cross_attn_every_n_layers", "xattn_num_heads", "xattn_h
 
 
 def upgrade_model_dict(model: dict) -> dict:
-  """A recorded `config.model` dict in today's layout: the cross-attention fields that an
+  """A recorded `config.model` dict in today's layout: fields the decoder and the ViT gained
+  since take their defaults (the behaviour it was recorded with); the cross-attention fields that an
   older DecoderConfig held move up to FlamingoConfig (`media_width` is the resampler's
   width and goes; a differing one is refused, as the model would have been)."""
   from mmjax.families import common  # pylint: disable=g-import-not-at-top
   decoder = common.with_new_fields(DecoderConfig, dict(model.get("decoder", {})))
+  if "vision" in model:  # fields the ViT gained since (post_norm_tokens) take their defaults
+    model = {**model, "vision": common.with_new_fields(ViTConfig, dict(model["vision"]))}
   moved = {k: decoder.pop(k) for k in MOVED_DECODER_FIELDS if k in decoder}
   if not moved:
     return {**model, "decoder": decoder}
