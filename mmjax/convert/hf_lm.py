@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.convert import hf_gpt_neox, hf_llama, hf_phi
+from mmjax.convert import hf_gpt_neox, hf_llama, hf_mpt, hf_opt, hf_persimmon, hf_phi
 from mmjax.convert.state_dict import LazyStateDict, SafetensorsFile, TorchFile
 from mmjax.models.decoder import DecoderConfig
 from mmjax.models.scan_layout import scan_plan
@@ -54,6 +54,10 @@ ARCHITECTURES: dict[str, Importer] = {
     "StableLmForCausalLM": Importer(hf_llama.config_from_hf_llama, hf_llama.llama_from_state_dict),
     "GPTNeoXForCausalLM": Importer(hf_gpt_neox.config_from_hf_gpt_neox, hf_gpt_neox.gpt_neox_from_state_dict),
     "PhiForCausalLM": Importer(hf_phi.config_from_hf_phi, hf_phi.phi_from_state_dict),
+    "MistralForCausalLM": Importer(hf_llama.config_from_hf_llama, hf_llama.llama_from_state_dict),
+    "MptForCausalLM": Importer(hf_mpt.config_from_hf_mpt, hf_mpt.mpt_from_state_dict),
+    "OPTForCausalLM": Importer(hf_opt.config_from_hf_opt, hf_opt.opt_from_state_dict),
+    "PersimmonForCausalLM": Importer(hf_persimmon.config_from_hf_persimmon, hf_persimmon.persimmon_from_state_dict),
 }
 
 # (file name, how to open each weight file), in the order they are looked for.

@@ -1,5 +1,6 @@
 """Parity: tiny random HF LLaMA, GPT-NeoX and Phi models saved to a directory, sharded, as
-safetensors (``save_pretrained``) and as ``pytorch_model.bin`` shards, imported with
+safetensors (``save_pretrained``) and as ``pytorch_model.bin`` shards, and Mistral, MPT, OPT and
+Persimmon as one ``model.safetensors``, imported with
 `load_hf_lm` give transformers' logits; a pickle that would run code or build an object is
 refused, not executed."""
 
@@ -70,6 +71,22 @@ def test_an_hf_directory_of_shards_imports_to_the_hf_logits(name, fmt, tmp_path)
   got, _ = LanguageModel(config).apply({"params": params}, jnp.asarray(ids))
   diff = float(np.max(np.abs(np.asarray(got) - want)))
   print(f"max |logits - hf {name}| = {diff:.2e} ({fmt}, scan_layers={config.decoder.scan_layers})")
+  assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mistral", "mpt", "opt", "persimmon"])
+def test_the_other_architectures_import_from_one_safetensors_file_to_the_hf_logits(name, tmp_path):
+  from tests.parity.test_hf_lm_variants import ARCHS  # pylint: disable=g-import-not-at-top
+  model = ARCHS[name][0]()
+  model.save_pretrained(tmp_path)
+  assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "model.safetensors.index.json").exists()
+  config, params = load_hf_lm(tmp_path)
+  ids = np.random.default_rng(0).integers(2, 97, size=(2, 11)).astype(np.int32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(ids).long()).logits.numpy()
+  got, _ = LanguageModel(config).apply({"params": params}, jnp.asarray(ids))
+  diff = float(np.max(np.abs(np.asarray(got) - want)))
+  print(f"max |logits - hf {name}| = {diff:.2e} (one file)")
   assert diff <= 1e-4
 
 
