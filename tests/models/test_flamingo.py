@@ -14,12 +14,14 @@ from mmjax.families.flamingo.model import Flamingo, param_labels
 from tests.infer.util import micro_config, random_params
 
 # name -> (total, share labelled 'xattn') from counting the published architectures by
-# hand (ViT-L/14 303M; OpenFlamingo resampler 63M; MPT-1B 1.3B, MPT-7B 6.7B; 24 / 8 xattn
-# blocks of 36.7M / 139.5M; Chinchilla-like 80-layer LM, 11 blocks of 696M).
+# hand (ViT-L/14 303M; OpenFlamingo resampler 63M; MPT-1B 1.311B, RedPajama-INCITE-3B 2.775B,
+# MPT-7B 6.649B, each with 50280 vocabulary rows; 24 / 16 / 8 xattn blocks of 36.7M / 56.1M /
+# 139.5M; Chinchilla-like 80-layer LM, 11 blocks of 696M).
 EXPECTED = {
     "flamingo-tiny": (1.10e6, None),
-    "openflamingo-3b": (2.56e9, 0.881e9),
-    "openflamingo-9b": (8.16e9, 1.116e9),
+    "openflamingo-3b": (2.558e9, 0.881e9),
+    "openflamingo-4b": (4.039e9, 0.898e9),
+    "openflamingo-9b": (8.131e9, 1.116e9),
     "flamingo-80b": (73.3e9, 7.66e9),
 }
 

@@ -4,27 +4,46 @@ Each preset is a ``FlamingoConfig`` whose sizes match a published model:
 
 - ``flamingo-tiny``: a CPU-sized model for tests, demos and the embedded dataset (32 px
   images, 2-layer ViT, 2-layer resampler, 4-layer decoder of width 128, vocabulary 1024).
-- ``openflamingo-3b``: OpenFlamingo-3B-vitl-mpt1b: OpenAI CLIP ViT-L/14 (224 px), a
-  6-layer resampler with 64 latents, MPT-1B (24 layers, width 2048, 16 heads) with a
-  gated cross-attention before every layer.
-- ``openflamingo-9b``: OpenFlamingo-9B-vitl-mpt7b: CLIP ViT-L/14, the same resampler,
-  MPT-7B (32 layers, width 4096, 32 heads) with a cross-attention before every 4th layer.
+
+The released OpenFlamingo v2 models (open_flamingo README's model table, HF
+openflamingo/OpenFlamingo-*), each with its exact LM, importable with
+``mmjax.families.flamingo.convert.load_open_flamingo`` (docs/models.md, "OpenFlamingo
+released checkpoints"). All three share OpenAI CLIP ViT-L/14 at 224 px (open_clip
+"ViT-L-14"/"openai"), whose patch tokens reach the resampler WITHOUT ln_post
+(``post_norm_tokens=False``: open_clip < 2.23, what they were trained with), and the
+resampler ``PerceiverResampler(dim=1024)`` with its defaults (6 layers, 8 heads of 64, 64
+latents, no media/frame embeddings); each gated cross-attention block has 8 heads of 64 and
+an MLP of 4x the LM width. The vocabulary is the LM's tokenizer (EleutherAI/gpt-neox-20b's,
+50277 entries) plus ``<|endofchunk|>`` (50277), ``<image>`` (50278) and ``<PAD>`` (50279):
+open_flamingo's factory resizes the embeddings to those 50280 rows.
+
+- ``openflamingo-3b``: OpenFlamingo-3B-vitl-mpt1b: anas-awadalla/mpt-1b-redpajama-200b
+  (MosaicGPT; config.json: d_model 2048, n_layers 24, n_heads 16, mlp_ratio 4, alibi,
+  alibi_bias_max 8, no_bias, vocab_size 50432, max_seq_len 2048), a cross-attention before
+  every layer (cross_attn_every_n_layers=1). MPT-1B's attn_qk_ln (a LayerNorm over the
+  whole query and key, 98,304 weights) is not expressed by the decoder: the preset has
+  everything else (``mmjax.convert.mosaic_gpt`` says why the import refuses it).
+- ``openflamingo-4b``: OpenFlamingo-4B-vitl-rpj3b: togethercomputer/RedPajama-INCITE-Base-3B-v1
+  (GPT-NeoX; config.json: hidden_size 2560, 32 layers, 32 heads, intermediate 10240,
+  rotary_pct 1.0, use_parallel_residual false, layer_norm_eps 1e-5, untied), a
+  cross-attention before every 2nd layer.
+- ``openflamingo-9b``: OpenFlamingo-9B-vitl-mpt7b: anas-awadalla/mpt-7b (mosaicml/mpt-7b;
+  d_model 4096, 32 layers, 32 heads, expansion_ratio 4, ALiBi, no_bias, clip_qkv null,
+  qk_ln false), a cross-attention before every 4th layer.
 - ``flamingo-80b``: the Flamingo paper's 80B model (Alayrac et al. 2022, appendix
   Table 4): a Chinchilla-70B-like LM (80 layers, width 8192, 64 heads of 128, vocabulary
   32000) with a cross-attention (64 heads) before every 7th layer (11 of them, where
-  open_flamingo's placement rule (i + 1) % 7 == 0 puts them in 80 layers), a 6-layer resampler of width 1536 with 16 heads and 64 latents. The
-  paper's vision encoder is an NFNet-F6 (about 440M parameters, 1536-channel features);
-  mmjax has no NFNet, so this preset uses a ViT of comparable size and the same feature
-  width (width 1536, 16 layers, 16 heads, MLP 6144, patch 14 at 224 px: about 450M).
+  open_flamingo's placement rule (i + 1) % 7 == 0 puts them in 80 layers), a 6-layer
+  resampler of width 1536 with 16 heads and 64 latents. The paper's vision encoder is an
+  NFNet-F6 (about 440M parameters, 1536-channel features); mmjax has no NFNet, so this
+  preset uses a ViT of comparable size and the same feature width (width 1536, 16 layers,
+  16 heads, MLP 6144, patch 14 at 224 px: about 450M). Its decoder is LLaMA-style (RMSNorm,
+  RoPE, SwiGLU of about 8D/3 so the MLP holds as many weights as a 4D one); Chinchilla used
+  relative position encodings.
 
-Differences from the originals, which change numerics but hardly the parameter counts:
-mmjax's decoder is LLaMA-style (RMSNorm, RoPE, SwiGLU, no biases) while OpenFlamingo's
-MPT LMs use LayerNorm, ALiBi and a GELU MLP of width 4D; the presets use a SwiGLU width
-of about 8D/3 (three matrices instead of two) so the MLP parameter count matches.
-Chinchilla used relative position encodings and RMSNorm. OpenFlamingo's MPT checkpoints
-cannot be imported into this decoder (only LLaMA-architecture LMs can, see
-``mmjax.convert``). The MPT vocabularies are the GPT-NeoX tokenizer plus
-``<|endofchunk|>``, ``<image>`` and ``<PAD>`` (50280 rows, embeddings tied as in MPT).
+A work directory recorded under an earlier version of these presets (the OpenFlamingo names
+once carried LLaMA-shaped LMs) keeps training and loading through its recorded config: the
+presets are read only when a run starts.
 
 Overrides: ``get(name, vocab_size=..., media_token_id=..., end_of_chunk_token_id=...,
 max_length=..., dtype=..., attention_backend=..., remat=..., scan_layers=...)`` (``scan_layers``:
@@ -47,12 +66,38 @@ CLIP_VIT_L14 = ViTConfig(
     class_token=True, posemb="learned", pre_norm=True, post_norm=True,
     activation="quick_gelu", patch_bias=False)
 
+# What OpenFlamingo's released models read: open_clip < 2.23's patch tokens, before ln_post.
+OPENFLAMINGO_VIT_L14 = dataclasses.replace(CLIP_VIT_L14, post_norm_tokens=False)
+
 # OpenFlamingo's PerceiverResampler(dim=vis_dim) with its defaults.
 OPENFLAMINGO_RESAMPLER = PerceiverConfig(
     width=1024, depth=6, num_heads=8, head_dim=64, num_latents=64, ff_mult=4)
 
-_MPT_VOCAB = 50280  # GPT-NeoX tokenizer (50277) + <|endofchunk|>, <image>, <PAD>
-_MPT_EOC, _MPT_IMAGE = 50277, 50278
+_OPENFLAMINGO_VOCAB = 50280  # GPT-NeoX tokenizer (50277) + <|endofchunk|>, <image>, <PAD>
+_OPENFLAMINGO_EOC, _OPENFLAMINGO_IMAGE = 50277, 50278
+
+
+def _mpt(width: int, depth: int, heads: int) -> DecoderConfig:
+  """An MPT/MosaicGPT LM: ALiBi (bias max 8), LayerNorms without bias, GELU MLP of 4x the
+  width, no linear biases, tied embeddings (``mmjax.convert.hf_mpt.config_from_hf_mpt``)."""
+  return DecoderConfig(
+      vocab_size=_OPENFLAMINGO_VOCAB, width=width, depth=depth, num_heads=heads, num_kv_heads=heads,
+      head_dim=width // heads, mlp_dim=4 * width, max_length=2048, norm="layer", norm_bias=False,
+      norm_eps=1e-5, mlp="gelu", positions="alibi", alibi_bias_max=8.0, tie_embeddings=True)
+
+
+def _openflamingo(decoder: DecoderConfig, every: int) -> FlamingoConfig:
+  return FlamingoConfig(
+      vision=OPENFLAMINGO_VIT_L14, resampler=OPENFLAMINGO_RESAMPLER, decoder=decoder,
+      cross_attn_every_n_layers=every, xattn_num_heads=8, xattn_head_dim=64, xattn_ff_mult=4,
+      media_token_id=_OPENFLAMINGO_IMAGE, end_of_chunk_token_id=_OPENFLAMINGO_EOC)
+
+
+# RedPajama-INCITE-Base-3B-v1 (GPT-NeoX, sequential residual, full rotary, untied).
+_REDPAJAMA_3B = DecoderConfig(
+    vocab_size=_OPENFLAMINGO_VOCAB, width=2560, depth=32, num_heads=32, num_kv_heads=32, head_dim=80,
+    mlp_dim=10240, max_length=2048, norm="layer", norm_eps=1e-5, mlp="gelu", mlp_bias=True,
+    attention_bias=True, attention_out_bias=True, rotary_fraction=1.0, parallel_residual=False)
 
 _PRESETS: dict[str, FlamingoConfig] = {
     "flamingo-tiny": FlamingoConfig(
@@ -74,32 +119,9 @@ _PRESETS: dict[str, FlamingoConfig] = {
         media_token_id=4,
         end_of_chunk_token_id=5,
     ),
-    "openflamingo-3b": FlamingoConfig(
-        vision=CLIP_VIT_L14,
-        resampler=OPENFLAMINGO_RESAMPLER,
-        decoder=DecoderConfig(
-            vocab_size=_MPT_VOCAB, width=2048, depth=24, num_heads=16, num_kv_heads=16,
-            head_dim=128, mlp_dim=5504, max_length=2048, tie_embeddings=True, norm_eps=1e-5),
-        cross_attn_every_n_layers=1,
-        xattn_num_heads=8,
-        xattn_head_dim=64,
-        xattn_ff_mult=4,
-        media_token_id=_MPT_IMAGE,
-        end_of_chunk_token_id=_MPT_EOC,
-    ),
-    "openflamingo-9b": FlamingoConfig(
-        vision=CLIP_VIT_L14,
-        resampler=OPENFLAMINGO_RESAMPLER,
-        decoder=DecoderConfig(
-            vocab_size=_MPT_VOCAB, width=4096, depth=32, num_heads=32, num_kv_heads=32,
-            head_dim=128, mlp_dim=11008, max_length=2048, tie_embeddings=True, norm_eps=1e-5),
-        cross_attn_every_n_layers=4,
-        xattn_num_heads=8,
-        xattn_head_dim=64,
-        xattn_ff_mult=4,
-        media_token_id=_MPT_IMAGE,
-        end_of_chunk_token_id=_MPT_EOC,
-    ),
+    "openflamingo-3b": _openflamingo(_mpt(width=2048, depth=24, heads=16), every=1),
+    "openflamingo-4b": _openflamingo(_REDPAJAMA_3B, every=2),
+    "openflamingo-9b": _openflamingo(_mpt(width=4096, depth=32, heads=32), every=4),
     "flamingo-80b": FlamingoConfig(
         vision=ViTConfig(
             image_size=224, patch_size=14, width=1536, depth=16, num_heads=16, mlp_dim=6144,
@@ -122,6 +144,7 @@ _PRESETS: dict[str, FlamingoConfig] = {
 PUBLISHED_PARAMETERS = {
     "flamingo-tiny": None,
     "openflamingo-3b": "3B (open_flamingo README)",
+    "openflamingo-4b": "4B (open_flamingo README)",
     "openflamingo-9b": "9B (open_flamingo README)",
     "flamingo-80b": "80B (Alayrac et al. 2022)",
 }
