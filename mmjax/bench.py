@@ -2,7 +2,10 @@
 
 ``mmjax bench attention`` sweeps sequence length (512 to 8192), the Flamingo
 cross-attention shapes (text length x images x latents), head dim, causal or not and
-dtype. It prints a table and writes ``<out>.json`` and ``<out>.md``.
+dtype, and (``--extra-masks``) causal rows with ALiBi (MPT's slopes) and with a sliding
+window (Mistral). It prints a table and writes ``<out>.json`` and ``<out>.md``;
+``--append`` merges the rows it measures into an existing ``<out>.json`` instead (the
+other rows and their date are kept; the new rows' date is recorded beside).
 
 - On a GPU or TPU it times forward and forward+backward of the Pallas kernel, the XLA
   reference and (GPU) cuDNN, and reports TFLOP/s counted the FlashAttention way
@@ -48,12 +51,19 @@ class Shape:
   dtype: str
   images: int = 0
   latents: int = 0
+  alibi: bool = False  # ALiBi bias with MPT's slopes
+  sliding_window: int = 0  # with causal: each query sees this many positions (0: no window)
 
   def flops(self, backward: bool) -> float:
-    """FlashAttention counting: 2 matmuls of 2·T·S·K per head; causal halves it."""
-    fwd = 4.0 * self.batch * self.heads * self.query_length * self.key_length * self.head_dim
+    """FlashAttention counting: 2 matmuls of 2·T·S·K per head; causal halves it; a
+    window W < T leaves about T·W - W²/2 query-key pairs (T²/2 when W = T)."""
+    pairs = float(self.query_length * self.key_length)
     if self.causal:
-      fwd /= 2
+      pairs /= 2
+      w = self.sliding_window
+      if 0 < w < self.query_length:
+        pairs = self.query_length * w - w * w / 2
+    fwd = 4.0 * self.batch * self.heads * pairs * self.head_dim
     return fwd * (3.5 if backward else 1.0)
 
 
@@ -66,6 +76,11 @@ def _shapes(args) -> list[Shape]:
         for length in args.lengths:
           shapes.append(Shape("self", args.batch, length, length, heads, head_dim, causal,
                               dtype))
+      for mask in args.extra_masks:
+        extra = dict(alibi=True) if mask == "alibi" else dict(sliding_window=args.sliding_window)
+        for length in args.lengths:
+          shapes.append(Shape("self", args.batch, length, length, heads, head_dim, True, dtype,
+                              **extra))
       for text, images, latents in args.cross:
         shapes.append(Shape("cross", args.batch, text, images * latents, heads, head_dim,
                             False, dtype, images, latents))
@@ -93,12 +108,24 @@ def _concrete_inputs(shape: Shape):
   return q, k, v
 
 
+def _alibi_slopes(heads: int):
+  """MPT's ALiBi slopes for ``heads`` heads (a power of two): 2^(-8 h / H), h = 1..H."""
+  import jax.numpy as jnp
+  return 2.0 ** (-8.0 * jnp.arange(1, heads + 1, dtype=jnp.float32) / heads)
+
+
 def _mask_kwargs(shape: Shape):
-  """Mask arguments: causal, or the Flamingo mask with each image's <image> token spread
-  evenly over the text (the first tenth of the text sees no image)."""
+  """Mask arguments: causal (with ALiBi or a window if the shape has them), or the
+  Flamingo mask with each image's <image> token spread evenly over the text (the first
+  tenth of the text sees no image)."""
   import jax.numpy as jnp
   if shape.kind == "self":
-    return dict(causal=shape.causal)
+    mask = dict(causal=shape.causal)
+    if shape.alibi:
+      mask["alibi_slopes"] = _alibi_slopes(shape.heads)
+    if shape.sliding_window:
+      mask["sliding_window"] = shape.sliding_window
+    return mask
   t, b = shape.query_length, shape.batch
   starts = (jnp.arange(shape.images, dtype=jnp.int32) + 1) * (t // (shape.images + 1))
   image_index = jnp.searchsorted(starts, jnp.arange(t, dtype=jnp.int32), side="right")
@@ -165,8 +192,9 @@ def _tpu_memory(rows: list[dict], shapes: list[Shape], topology: str) -> None:
     shard = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                            sharding=NamedSharding(mesh, PartitionSpec("data")))
     q, k = shard(q), shard(k)
-    mask = {name: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                       sharding=NamedSharding(mesh, PartitionSpec("data")))
+    # Ids split with the batch; the ALiBi slopes (one per head) are replicated.
+    mask = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+        mesh, PartitionSpec() if name == "alibi_slopes" else PartitionSpec("data")))
             if hasattr(x, "shape") else x for name, x in _mask_kwargs(big).items()}
     for name, backend in (("kernel", "pallas_tpu"), ("xla", "xla")):
       def forward(q, k, v, mask):
@@ -236,7 +264,12 @@ def _mib(n: int) -> str:
 def _shape_label(row: dict) -> str:
   if row["kind"] == "cross":
     return (f"cross T={row['query_length']} x {row['images']} img x {row['latents']} lat")
-  return f"self T=S={row['query_length']}{' causal' if row['causal'] else ''}"
+  label = f"self T=S={row['query_length']}{' causal' if row['causal'] else ''}"
+  if row.get("alibi"):
+    label += " alibi"
+  if row.get("sliding_window"):
+    label += f" window {row['sliding_window']}"
+  return label
 
 
 def _memory_line(row: dict) -> str:
@@ -249,7 +282,7 @@ def _memory_line(row: dict) -> str:
 
 def _markdown(meta: dict, rows: list[dict], mode: str) -> str:
   lines = [f"# Attention benchmark ({mode})", ""]
-  lines += [f"- {k}: {v}" for k, v in meta.items()]
+  lines += [f"- {k}: {'; '.join(v) if isinstance(v, list) else v}" for k, v in meta.items()]
   lines.append("")
   if mode == "memory":
     lines += [
@@ -319,8 +352,16 @@ def attention_main(argv: list[str]) -> int:
                       default=[(2048, 5, 64), (8192, 16, 64)],
                       help="cross-attention shapes (text to image latents) TEXTxIMAGESxLATENTS")
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-  parser.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="+",
-                      default=[True, False], help="true and/or false")
+  parser.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="*",
+                      default=[True, False],
+                      help="true and/or false (none: no plain self-attention rows)")
+  parser.add_argument("--extra-masks", nargs="*", choices=["alibi", "window"],
+                      default=["alibi", "window"],
+                      help="also causal rows with ALiBi and/or a sliding window, per length")
+  parser.add_argument("--sliding-window", type=int, default=1024,
+                      help="the window of the 'window' rows, in positions")
+  parser.add_argument("--append", action="store_true",
+                      help="merge these rows into OUT.json (same shape: replaced) and rewrite OUT.md")
   parser.add_argument("--dtypes", nargs="+", default=None,
                       help="default: bfloat16 on accelerators, float32 on CPU")
   parser.add_argument("--batch", type=int, default=1)
@@ -360,12 +401,32 @@ def attention_main(argv: list[str]) -> int:
     meta.update(backends=backends, peak_tflops=peak)
     rows = _timing_rows(shapes, backends, args.repeats, peak)
   out = pathlib.Path(args.out)
+  if args.append and out.with_suffix(".json").exists():
+    meta, rows = _merged(json.loads(out.with_suffix(".json").read_text()), meta, mode, rows)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.with_suffix(".json").write_text(json.dumps({"meta": meta, "mode": mode, "rows": rows},
                                                  indent=1) + "\n")
   out.with_suffix(".md").write_text(_markdown(meta, rows, mode))
   print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
   return 0
+
+
+def _merged(previous: dict, meta: dict, mode: str, rows: list[dict]) -> tuple[dict, list[dict]]:
+  """(meta, rows) of ``previous`` results with ``rows`` added: a previous row of the same
+  shape is replaced; the previous meta is kept and the new rows' date recorded in it."""
+  if previous["mode"] != mode:
+    raise ValueError(f"--append: the existing results are {previous['mode']!r}, this run is {mode!r}")
+  shape_fields = [field.name for field in dataclasses.fields(Shape)]
+  key = lambda row: tuple(row.get(name, Shape.__dataclass_fields__[name].default)
+                          for name in shape_fields)
+  new = {key(row) for row in rows}
+  merged = [row for row in previous["rows"] if key(row) not in new] + rows
+  labels = sorted({_shape_label(row).split("=", 1)[1].split(" ", 1)[-1] for row in rows})
+  meta_out = dict(previous["meta"])
+  appended = list(meta_out.get("appended", []))
+  appended.append(f"{meta['date']}, jax {meta['jax']}: {len(rows)} rows ({', '.join(labels)})")
+  meta_out["appended"] = appended
+  return meta_out, merged
 
 
 VERBS = {
