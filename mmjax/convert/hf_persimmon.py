@@ -42,7 +42,7 @@ def config_from_hf_persimmon(hf_config: Mapping[str, Any] | Any, **overrides) ->
       vocab_size=cfg["vocab_size"], width=d, depth=cfg["num_hidden_layers"], num_heads=heads, num_kv_heads=heads,
       head_dim=d // heads, mlp_dim=cfg["intermediate_size"], norm="layer",
       norm_eps=float(cfg.get("layer_norm_eps", 1e-5)), mlp=act[cfg.get("hidden_act", "relu2")], mlp_bias=True,
-      attention_bias=True, attention_out_bias=True, qk_norm=bool(cfg.get("qk_layernorm", True)),
+      attention_bias=True, attention_out_bias=True, qk_norm="head" if cfg.get("qk_layernorm", True) else "none",
       rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 25000.0))),
       rotary_fraction=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))),
       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -69,7 +69,10 @@ def persimmon_from_state_dict(sd: Mapping[str, Any], config: DecoderConfig, *, p
     a = p + "self_attn."
     attn = _split_qkv(r.linear(a + "query_key_value.weight", 3 * h * k, d),
                       r.get(a + "query_key_value.bias", (3 * h * k,)), h, k, d)
-    if c.qk_norm:
+    if c.qk_norm != "none":
+      if c.qk_norm != "head":
+        raise ValueError(f"a Persimmon state_dict has per-head q/k LayerNorms; got qk_norm={c.qk_norm!r}, expected "
+                         "'head' or 'none'")
       attn["query_norm"] = r.layer_norm(a + "q_layernorm.", k)
       attn["key_norm"] = r.layer_norm(a + "k_layernorm.", k)
     dense_w = r.linear(a + "dense.weight", d, h * k)

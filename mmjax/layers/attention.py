@@ -60,10 +60,12 @@ class Attention(nn.Module):
   sliding_window: int | None = None
   # Clamp the query/key/value projections to [-clip_qkv, clip_qkv] (MPT), or None.
   clip_qkv: float | None = None
-  # LayerNorm (with bias) over each head's query and key, shared by the heads (Persimmon's
-  # qk_layernorm): ``query_norm``, ``key_norm``; the epsilon.
-  qk_norm: bool = False
+  # LayerNorms on the projected queries and keys, ``query_norm`` and ``key_norm``: "head" over
+  # each head's K dims, shared by the heads (Persimmon's qk_layernorm); "width" over all H*K
+  # (G*K) at once (MosaicGPT's attn_qk_ln); None: none. Their epsilon, and whether they have a bias.
+  qk_norm: str | None = None
   qk_norm_eps: float = 1e-5
+  qk_norm_bias: bool = True
   dtype: str = "float32"
   backend: str | None = None
 
@@ -87,9 +89,9 @@ class Attention(nn.Module):
     value = dense((g, k), ("embed", "kv_heads", "kv"), use_bias=self.use_bias, dtype=self.dtype, name="value")(x)
     if self.clip_qkv is not None:
       q, key, value = (jnp.clip(y, -self.clip_qkv, self.clip_qkv) for y in (q, key, value))
-    if self.qk_norm:
-      q = LayerNorm(eps=self.qk_norm_eps, dtype=self.dtype, name="query_norm")(q)
-      key = LayerNorm(eps=self.qk_norm_eps, dtype=self.dtype, name="key_norm")(key)
+    if self.qk_norm is not None:
+      q = self._qk_norm(q, "query_norm")
+      key = self._qk_norm(key, "key_norm")
     if self.rope_theta is not None:
       q = _partial_rope(q, positions, self.rope_theta, self.rotary_fraction, self.rope_llama3)
       key = _partial_rope(key, positions, self.rope_theta, self.rotary_fraction, self.rope_llama3)
@@ -120,6 +122,15 @@ class Attention(nn.Module):
     y = dense(d, ("heads", "kv", "embed"), axis=(-2, -1), use_bias=out_bias, dtype=self.dtype,
               name="out")(out)
     return y, cache
+
+  def _qk_norm(self, x: jax.Array, name: str) -> jax.Array:
+    """x [B, T, N, K] normed over K ("head") or over N*K ("width")."""
+    if self.qk_norm not in ("head", "width"):
+      raise ValueError(f"qk_norm={self.qk_norm!r}; expected 'head', 'width' or None")
+    norm = LayerNorm(eps=self.qk_norm_eps, use_bias=self.qk_norm_bias, dtype=self.dtype, name=name)
+    if self.qk_norm == "head":
+      return norm(x)
+    return norm(x.reshape(x.shape[:2] + (-1,))).reshape(x.shape)
 
 
 def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> np.ndarray:

@@ -113,8 +113,10 @@ class DecoderConfig:
   norm_bias: bool = True
   # Clamp the query/key/value projections to [-clip_qkv, clip_qkv] (MPT); 0: no clamp.
   clip_qkv: float = 0.0
-  # LayerNorm over each head's query and key (Persimmon's qk_layernorm).
-  qk_norm: bool = False
+  # A LayerNorm (with a bias when norm_bias) on the queries and keys before RoPE: "head" over
+  # each head's K dims (Persimmon's qk_layernorm), "width" over all H*K (G*K) of them at once
+  # (MosaicGPT's attn_qk_ln, OpenFlamingo-3B's MPT-1B), or "none".
+  qk_norm: str = "none"
   # Each query sees itself and the sliding_window - 1 positions before it (Mistral); 0: all.
   sliding_window: int = 0
   # Run the layers under flax.linen.scan (blocks of LM layers, an insert before each
@@ -128,6 +130,7 @@ NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu")
 POSITIONS = ("rope", "alibi", "learned")
 ROPE_SCALINGS = ("none", "llama3")
+QK_NORMS = ("none", "head", "width")
 
 
 def check_config(config: DecoderConfig) -> None:
@@ -148,6 +151,8 @@ def check_config(config: DecoderConfig) -> None:
   if config.positions != "rope" and (config.rotary_fraction != 1.0 or config.rope_scaling != "none"):
     raise ValueError(f"DecoderConfig.positions={config.positions!r} with rotary_fraction={config.rotary_fraction}, "
                      f"rope_scaling={config.rope_scaling!r}; expected rotary settings only with positions='rope'")
+  if config.qk_norm not in QK_NORMS:
+    raise ValueError(f"DecoderConfig.qk_norm={config.qk_norm!r}; expected one of {QK_NORMS}")
   if config.rope_scaling not in ROPE_SCALINGS:
     raise ValueError(f"DecoderConfig.rope_scaling={config.rope_scaling!r}; expected one of {ROPE_SCALINGS}")
   if config.position_offset < 0 or (config.position_offset and config.positions != "learned"):
@@ -240,8 +245,8 @@ class DecoderLayer(nn.Module):
         out_bias=c.attention_out_bias,
         rope_theta=c.rope_theta if c.positions == "rope" else None, rotary_fraction=c.rotary_fraction,
         rope_llama3=_llama3(c), alibi_bias_max=c.alibi_bias_max if c.positions == "alibi" else None,
-        sliding_window=c.sliding_window or None, clip_qkv=c.clip_qkv or None, qk_norm=c.qk_norm,
-        qk_norm_eps=c.norm_eps, dtype=c.dtype, backend=c.attention_backend,
+        sliding_window=c.sliding_window or None, clip_qkv=c.clip_qkv or None, qk_norm=None if c.qk_norm == "none" else c.qk_norm,
+        qk_norm_eps=c.norm_eps, qk_norm_bias=c.norm_bias, dtype=c.dtype, backend=c.attention_backend,
         name="attn",
     )(attn_in, causal=True, positions=positions, cache=cache)
     # Parallel: the MLP reads the layer's input (normed on its own, or as the attention's).

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mmjax.layers.attention import Attention, init_cache
 from mmjax.layers.mlp import SwiGLU
@@ -80,3 +81,38 @@ def test_gqa_attention_with_rope_matches_a_float64_reference_and_its_cache_gives
     y, cache = apply(params, x[:, i:i + 1], positions=jnp.full((b, 1), i, jnp.int32), cache=cache)
     steps.append(y)
   np.testing.assert_allclose(np.concatenate(steps, 1), out, atol=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["head", "width"])
+def test_qk_norm_over_each_head_or_the_whole_width_matches_a_float64_reference(scope):
+  # Persimmon normalises each head's K dims; MosaicGPT (OpenFlamingo-3B's MPT-1B) the H*K-wide
+  # query and the G*K-wide key at once. Both with a perturbed scale and bias, GQA, causal.
+  b, t, d, h, g, k = 2, 5, 24, 4, 2, 6
+  layer = Attention(num_heads=h, head_dim=k, num_kv_heads=g, qk_norm=scope, qk_norm_eps=1e-5)
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, t, d))
+  params = nn.unbox(layer.init(jax.random.PRNGKey(1), x, causal=True))["params"]
+  rng = np.random.default_rng(0)
+  for name in ("query_norm", "key_norm"):
+    params[name] = {key: np.asarray(v) + 0.3 * rng.standard_normal(v.shape) for key, v in params[name].items()}
+  got, _ = layer.apply({"params": params}, x, causal=True)
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+  x64 = np.asarray(x, np.float64)
+
+  def ln(y, norm):
+    shape = y.shape
+    y = y.reshape(shape[:2] + (-1,)) if scope == "width" else y
+    y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5) * norm["scale"] + norm["bias"]
+    return y.reshape(shape)
+
+  q = ln(np.einsum("btd,dhk->bthk", x64, p["query"]["kernel"]), p["query_norm"])
+  key = ln(np.einsum("btd,dgk->btgk", x64, p["key"]["kernel"]), p["key_norm"])
+  v = np.einsum("btd,dgk->btgk", x64, p["value"]["kernel"])
+  key, v = np.repeat(key, h // g, axis=2), np.repeat(v, h // g, axis=2)
+  logits = np.einsum("bthk,bshk->bhts", q, key) / np.sqrt(k)
+  logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = np.einsum("bhsk,hkd->bsd", np.einsum("bhts,bshk->bthk", probs, v).transpose(0, 2, 1, 3),
+                   p["out"]["kernel"])
+  assert params["query_norm"]["scale"].shape == ((h * k,) if scope == "width" else (k,))
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)

@@ -99,7 +99,7 @@ EXPECTED = {
     "mpt": dict(positions="alibi", clip_qkv=0.2, norm_bias=False, mlp="gelu", tie_embeddings=True),
     "mpt-5-heads": dict(positions="alibi", num_heads=5),
     "opt": dict(positions="learned", position_offset=2, mlp="relu", mlp_bias=True, attention_bias=True),
-    "persimmon": dict(qk_norm=True, rotary_fraction=0.5, mlp="relu2", rope_theta=25000.0),
+    "persimmon": dict(qk_norm="head", rotary_fraction=0.5, mlp="relu2", rope_theta=25000.0),
     "mistral": dict(sliding_window=4, num_kv_heads=2),
     "llama3": dict(rope_scaling="llama3", rope_original_max_length=32),
 }

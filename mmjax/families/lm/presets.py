@@ -128,7 +128,7 @@ _PRESETS = {
     "persimmon-8b": LMConfig(DecoderConfig(
         vocab_size=262144, width=4096, depth=36, num_heads=64, num_kv_heads=64, head_dim=64, mlp_dim=16384,
         max_length=16384, norm="layer", norm_eps=1e-5, mlp="relu2", mlp_bias=True, attention_bias=True,
-        attention_out_bias=True, qk_norm=True, rope_theta=25000.0, rotary_fraction=0.5)),
+        attention_out_bias=True, qk_norm="head", rope_theta=25000.0, rotary_fraction=0.5)),
 }
 
 # The counts the sources give, for the docs' tables (a test checks each against eval_shape):
