@@ -10,8 +10,8 @@ mosaicml/examples ``examples/llm/src/models`` code of that week (read at commit 
   transformer.wpe.weight                   [S, D]    -> pos_embed/embedding (only with alibi false)
   transformer.blocks.{i}.ln_1.weight       [D]       -> layers_{i}/attn_norm/scale
   transformer.blocks.{i}.attn.Wqkv.weight  [3*D, D]  -> layers_{i}/attn/{query,key,value}/kernel [D, H, K]
-  transformer.blocks.{i}.attn.q_ln.weight  [D]       (attn_qk_ln only: refused, see below)
-  transformer.blocks.{i}.attn.k_ln.weight  [D]       (attn_qk_ln only)
+  transformer.blocks.{i}.attn.q_ln.weight  [D]       -> layers_{i}/attn/query_norm/scale (attn_qk_ln)
+  transformer.blocks.{i}.attn.k_ln.weight  [D]       -> layers_{i}/attn/key_norm/scale (attn_qk_ln)
   transformer.blocks.{i}.attn.out_proj.weight [D, D] -> layers_{i}/attn/out/kernel [H, K, D]
   transformer.blocks.{i}.ln_2.weight       [D]       -> layers_{i}/mlp_norm/scale
   transformer.blocks.{i}.mlp.mlp_up.weight [F, D]    -> layers_{i}/mlp/fc1/kernel [D, F]
@@ -36,12 +36,14 @@ reproduce it exactly:
   later MPT code does): other head counts are refused by name.
 - Logits: ``F.linear(ln_f(x), wte.weight)``, tied; ``logit_scale`` null.
 
-Refused by name (``config_from_mosaic_gpt``): ``attn_qk_ln`` true, which MPT-1B sets: a
-LayerNorm (weight [D], no bias) over the whole D-wide query and key before the heads are
-split. ``DecoderConfig.qk_norm`` is a LayerNorm over each head's K dimensions (Persimmon's),
-whose statistics differ, so MPT-1B needs a new decoder field (a width-wide q/k LayerNorm)
-before it can be imported exactly. Also refused: ``prefix_lm``, ``attn_uses_sequence_id``,
-``logit_scale``, ``softmax_scale``, ``embedding_fraction`` != 1.
+- ``attn_qk_ln`` (MPT-1B sets it): ``q_ln``/``k_ln`` are LayerNorms (weight [D], no bias
+  with ``no_bias``) over the whole D-wide query and key, after the clamp and before the heads
+  split: ``qk_norm="width"`` (over all H*K at once, in the same head-major order; a per-head
+  norm, Persimmon's ``"head"``, has other statistics).
+
+Refused by name (``config_from_mosaic_gpt``): ``prefix_lm``, ``attn_uses_sequence_id``,
+``logit_scale``, ``softmax_scale``, ``embedding_fraction`` != 1, and ALiBi over a head count
+that is not a power of two.
 
 Dimension letters: V vocabulary, S max length, D width, H heads, K head dim, F MLP width.
 """
@@ -62,7 +64,6 @@ def config_from_mosaic_gpt(hf_config: Mapping[str, Any] | Any, **overrides) -> D
   the decoder cannot express are refused by name (module docstring)."""
   cfg = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
   unsupported = {
-      "attn_qk_ln": (bool(cfg.get("attn_qk_ln", False)), False),
       "prefix_lm": (bool(cfg.get("prefix_lm", False)), False),
       "attn_uses_sequence_id": (bool(cfg.get("attn_uses_sequence_id", False)), False),
       "logit_scale": (cfg.get("logit_scale"), None),
@@ -71,11 +72,8 @@ def config_from_mosaic_gpt(hf_config: Mapping[str, Any] | Any, **overrides) -> D
   }
   bad = {k: got for k, (got, want) in unsupported.items() if got != want}
   if bad:
-    why = (" (attn_qk_ln: a LayerNorm over the whole query and key width, which DecoderConfig.qk_norm,"
-           " per head, does not express; MPT-1B needs a width-wide q/k LayerNorm field in the decoder)"
-           if "attn_qk_ln" in bad else "")
     raise ValueError(f"MosaicGPT config {bad} is not supported; expected "
-                     + ", ".join(f"{k}={unsupported[k][1]!r}" for k in bad) + why)
+                     + ", ".join(f"{k}={unsupported[k][1]!r}" for k in bad))
   d, heads = int(cfg["d_model"]), int(cfg["n_heads"])
   alibi = bool(cfg.get("alibi", False))
   if alibi and heads & (heads - 1):
@@ -87,6 +85,7 @@ def config_from_mosaic_gpt(hf_config: Mapping[str, Any] | Any, **overrides) -> D
       num_kv_heads=heads, head_dim=d // heads, mlp_dim=int(cfg.get("mlp_ratio", 4)) * d,
       norm="layer", norm_bias=bias, norm_eps=1e-5, mlp="gelu", mlp_bias=bias, attention_bias=bias,
       attention_out_bias=bias, positions="alibi" if alibi else "learned",
+      qk_norm="width" if cfg.get("attn_qk_ln") else "none",
       alibi_bias_max=float(cfg.get("alibi_bias_max", 8)), clip_qkv=float(cfg.get("attn_clip_qkv") or 0.0),
       tie_embeddings=True, max_length=int(cfg.get("max_seq_len", 2048)))
   fields.update(overrides)
@@ -107,17 +106,17 @@ def _split_heads(w: np.ndarray | None, b: np.ndarray | None, h: int, k: int, d: 
 
 def mosaic_gpt_from_state_dict(sd: Mapping[str, Any], config: DecoderConfig, *, prefix: str = "") -> dict:
   """MosaicGPT state_dict -> ``Decoder(config)`` params (plain dict); one ValueError lists every
-  missing, unexpected (``attn.q_ln``/``k_ln`` among them: see the module docstring) and
-  mis-shaped key."""
+  missing, unexpected and mis-shaped key."""
   c = config
   bias = c.attention_bias
   if (c.norm, c.mlp, c.tie_embeddings, c.num_kv_heads) != ("layer", "gelu", True, c.num_heads) or \
-      c.positions not in ("alibi", "learned") or len({bias, c.attention_out_bias, c.mlp_bias, c.norm_bias}) != 1:
+      c.positions not in ("alibi", "learned") or len({bias, c.attention_out_bias, c.mlp_bias, c.norm_bias}) != 1 \
+      or c.qk_norm not in ("none", "width"):
     raise ValueError(f"a MosaicGPT state_dict needs a DecoderConfig with norm='layer', mlp='gelu', tied embeddings, "
                      f"num_kv_heads == num_heads, positions 'alibi' or 'learned' and all biases or none; got norm={c.norm!r}, "
                      f"mlp={c.mlp!r}, tie_embeddings={c.tie_embeddings}, positions={c.positions!r}, attention_bias="
                      f"{c.attention_bias}, attention_out_bias={c.attention_out_bias}, mlp_bias={c.mlp_bias}, "
-                     f"norm_bias={c.norm_bias} (config_from_mosaic_gpt builds one)")
+                     f"norm_bias={c.norm_bias}, qk_norm={c.qk_norm!r} ('none' or 'width') (config_from_mosaic_gpt builds one)")
   d, h, k, f = c.width, c.num_heads, c.head_dim, c.mlp_dim
   r = StateDictReader(sd, f"a MosaicGPT decoder (width={d}, depth={c.depth}) from the keys under {prefix!r}")
   base = prefix + "transformer."
@@ -132,6 +131,8 @@ def mosaic_gpt_from_state_dict(sd: Mapping[str, Any], config: DecoderConfig, *, 
                         h, k, d)
     out = r.linear(p + "attn.out_proj.weight", d, h * k)
     attn["out"] = {"kernel": None if out is None else out.reshape(h, k, d)}
+    if c.qk_norm == "width":
+      attn["query_norm"], attn["key_norm"] = norm(p + "attn.q_ln."), norm(p + "attn.k_ln.")
     fc1 = {"kernel": r.linear(p + "mlp.mlp_up.weight", f, d)}
     fc2 = {"kernel": r.linear(p + "mlp.mlp_down.weight", d, f)}
     if bias:

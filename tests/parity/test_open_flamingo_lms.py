@@ -5,8 +5,9 @@ OpenFlamingo-4B's RedPajama) with an open_clip-layout ViT whose patch tokens ski
 ``gpt_neox.layers``), gives our ``Flamingo``'s logits for an interleaved batch with several images:
 converted from the whole state_dict, and loaded by ``load_open_flamingo`` from what a release
 ships (a trainable-only ``checkpoint.pt``, the LM directory as published with a larger
-vocabulary, the whole CLIP's weights). MosaicGPT (OpenFlamingo-3B's MPT-1B) is checked by
-its key layout and config against MPT's, whose numerics it shares (``mmjax.convert.mosaic_gpt``).
+vocabulary, the whole CLIP's weights). MosaicGPT (OpenFlamingo-3B's MPT-1B), whose code is not
+importable here, is checked against its source's forward written out in torch (its q/k
+LayerNorm over the whole width included) and by its key layout against MPT's.
 """
 
 import dataclasses
@@ -258,15 +259,67 @@ MPT_1B = {"architectures": ["MosaicGPT"], "alibi": True, "alibi_bias_max": 8, "a
           "vocab_size": 50432}
 
 
-def test_mpt_1b_is_refused_by_its_qk_layernorm_and_otherwise_reads_as_the_3b_presets_lm():
-  with pytest.raises(ValueError, match=r"attn_qk_ln.*width-wide q/k LayerNorm"):
-    mosaic_gpt.config_from_mosaic_gpt(MPT_1B)
-  with pytest.raises(ValueError, match="MosaicGPT"):
-    flamingo_convert.lm_layout("MosaicGPT").config(MPT_1B)
-  without_qk_ln = mosaic_gpt.config_from_mosaic_gpt({**MPT_1B, "attn_qk_ln": False}, vocab_size=50280)
-  assert without_qk_ln == presets.presets()["openflamingo-3b"].decoder
+def test_mpt_1b_config_reads_as_the_3b_presets_lm():
+  assert mosaic_gpt.config_from_mosaic_gpt(MPT_1B, vocab_size=50280) == presets.presets()["openflamingo-3b"].decoder
+  assert flamingo_convert.lm_layout("MosaicGPT").decoder_layers == "transformer.blocks"
   with pytest.raises(ValueError, match="n_heads=12"):
-    mosaic_gpt.config_from_mosaic_gpt({**MPT_1B, "attn_qk_ln": False, "n_heads": 12})
+    mosaic_gpt.config_from_mosaic_gpt({**MPT_1B, "n_heads": 12})
+  with pytest.raises(ValueError, match="prefix_lm"):
+    mosaic_gpt.config_from_mosaic_gpt({**MPT_1B, "prefix_lm": True})
+
+
+def _mosaic_gpt_logits(sd, ids, heads, bias_max=8.0):
+  """MosaicGPT's forward as its source (module docstring of mmjax.convert.mosaic_gpt) computes
+  it for attn_impl torch, no_bias, alibi, attn_qk_ln, written out with torch functionals."""
+  f = torch.nn.functional
+  x = sd["transformer.wte.weight"][ids]
+  t, d = ids.shape[1], x.shape[-1]
+  m = torch.arange(1, heads + 1, dtype=torch.float32) * (bias_max / heads)
+  alibi = torch.arange(1 - t, 1, dtype=torch.float32).view(1, 1, 1, t) / (2**m.view(1, heads, 1, 1))
+  causal = torch.ones(t, t, dtype=torch.bool).tril()
+  n = 0
+  while f"transformer.blocks.{n}.ln_1.weight" in sd:
+    p = lambda name: sd[f"transformer.blocks.{n}.{name}"]  # noqa: E731
+    a = f.layer_norm(x, (d,), p("ln_1.weight"))
+    q, k, v = (a @ p("attn.Wqkv.weight").T).chunk(3, dim=2)
+    q, k = f.layer_norm(q, (d,), p("attn.q_ln.weight")), f.layer_norm(k, (d,), p("attn.k_ln.weight"))
+    q, k, v = (y.view(y.shape[0], t, heads, d // heads).transpose(1, 2) for y in (q, k, v))
+    w = q @ k.transpose(-1, -2) / (d // heads) ** 0.5 + alibi
+    w = w.masked_fill(~causal, torch.finfo(w.dtype).min).softmax(-1)
+    x = x + ((w @ v).transpose(1, 2).reshape(x.shape) @ p("attn.out_proj.weight").T)
+    h = f.gelu(f.layer_norm(x, (d,), p("ln_2.weight")) @ p("mlp.mlp_up.weight").T)
+    x = x + h @ p("mlp.mlp_down.weight").T
+    n += 1
+  return f.layer_norm(x, (d,), sd["transformer.ln_f.weight"]) @ sd["transformer.wte.weight"].T
+
+
+def test_mosaic_gpt_with_its_qk_layernorm_gives_the_logits_of_its_source():
+  from mmjax.models.decoder import Decoder
+  torch.manual_seed(5)
+  d, heads, layers, vocab = 32, 4, 2, 50
+  sd = {"transformer.wte.weight": torch.randn(vocab, d), "transformer.ln_f.weight": 1 + 0.2 * torch.randn(d)}
+  for i in range(layers):
+    p = f"transformer.blocks.{i}."
+    sd.update({p + "ln_1.weight": 1 + 0.2 * torch.randn(d), p + "attn.Wqkv.weight": 0.2 * torch.randn(3 * d, d),
+               p + "attn.q_ln.weight": 1 + 0.3 * torch.randn(d), p + "attn.k_ln.weight": 1 + 0.3 * torch.randn(d),
+               p + "attn.out_proj.weight": 0.2 * torch.randn(d, d), p + "ln_2.weight": 1 + 0.2 * torch.randn(d),
+               p + "mlp.mlp_up.weight": 0.2 * torch.randn(4 * d, d), p + "mlp.mlp_down.weight": 0.2 * torch.randn(d, 4 * d)})
+  config = mosaic_gpt.config_from_mosaic_gpt({**MPT_1B, "d_model": d, "n_heads": heads, "n_layers": layers,
+                                              "vocab_size": vocab, "max_seq_len": 32})
+  assert config.qk_norm == "width" and not config.norm_bias
+  ids = np.random.default_rng(0).integers(0, vocab, size=(2, 11))
+  with torch.no_grad():
+    want = _mosaic_gpt_logits(sd, torch.from_numpy(ids), heads).numpy()
+  params = mosaic_gpt.mosaic_gpt_from_state_dict(sd, config)
+  got, _ = Decoder(config).apply({"params": params}, jnp.asarray(ids, jnp.int32))
+  diff = float(np.max(np.abs(np.asarray(got) - want)))
+  print(f"MosaicGPT with attn_qk_ln: max |logits - source forward| = {diff:.2e}")
+  assert diff <= 1e-4, diff
+  # Without the q/k norms the logits are others: the importer does not drop them.
+  plain = mosaic_gpt.config_from_mosaic_gpt({**MPT_1B, "attn_qk_ln": False, "d_model": d, "n_heads": heads,
+                                             "n_layers": layers, "vocab_size": vocab, "max_seq_len": 32})
+  with pytest.raises(ValueError, match=r"unexpected keys \(4\): transformer.blocks.0.attn.k_ln.weight"):
+    mosaic_gpt.mosaic_gpt_from_state_dict(sd, plain)
 
 
 _MOSAIC_NAMES = (("norm_1.", "ln_1."), ("norm_2.", "ln_2."), ("ffn.up_proj.", "mlp.mlp_up."),
@@ -291,6 +344,3 @@ def test_a_mosaic_gpt_state_dict_gives_the_params_of_the_mpt_it_renames():
   assert mosaic == config
   jax.tree.map(np.testing.assert_array_equal, mosaic_gpt.mosaic_gpt_from_state_dict(renamed, mosaic),
                hf_mpt.mpt_from_state_dict(sd, config))
-  renamed["transformer.blocks.0.attn.q_ln.weight"] = np.ones(48, np.float32)
-  with pytest.raises(ValueError, match=r"unexpected keys \(1\): transformer.blocks.0.attn.q_ln.weight"):
-    mosaic_gpt.mosaic_gpt_from_state_dict(renamed, mosaic)

@@ -20,9 +20,8 @@ open_flamingo's factory resizes the embeddings to those 50280 rows.
 - ``openflamingo-3b``: OpenFlamingo-3B-vitl-mpt1b: anas-awadalla/mpt-1b-redpajama-200b
   (MosaicGPT; config.json: d_model 2048, n_layers 24, n_heads 16, mlp_ratio 4, alibi,
   alibi_bias_max 8, no_bias, vocab_size 50432, max_seq_len 2048), a cross-attention before
-  every layer (cross_attn_every_n_layers=1). MPT-1B's attn_qk_ln (a LayerNorm over the
-  whole query and key, 98,304 weights) is not expressed by the decoder: the preset has
-  everything else (``mmjax.convert.mosaic_gpt`` says why the import refuses it).
+  every layer (cross_attn_every_n_layers=1). MPT-1B's attn_qk_ln (a LayerNorm without bias
+  over the whole query and key) is ``qk_norm="width"``.
 - ``openflamingo-4b``: OpenFlamingo-4B-vitl-rpj3b: togethercomputer/RedPajama-INCITE-Base-3B-v1
   (GPT-NeoX; config.json: hidden_size 2560, 32 layers, 32 heads, intermediate 10240,
   rotary_pct 1.0, use_parallel_residual false, layer_norm_eps 1e-5, untied), a
@@ -77,13 +76,14 @@ _OPENFLAMINGO_VOCAB = 50280  # GPT-NeoX tokenizer (50277) + <|endofchunk|>, <ima
 _OPENFLAMINGO_EOC, _OPENFLAMINGO_IMAGE = 50277, 50278
 
 
-def _mpt(width: int, depth: int, heads: int) -> DecoderConfig:
+def _mpt(width: int, depth: int, heads: int, qk_norm: str = "none") -> DecoderConfig:
   """An MPT/MosaicGPT LM: ALiBi (bias max 8), LayerNorms without bias, GELU MLP of 4x the
-  width, no linear biases, tied embeddings (``mmjax.convert.hf_mpt.config_from_hf_mpt``)."""
+  width, no linear biases, tied embeddings (``mmjax.convert.hf_mpt.config_from_hf_mpt``,
+  ``mmjax.convert.mosaic_gpt.config_from_mosaic_gpt``)."""
   return DecoderConfig(
       vocab_size=_OPENFLAMINGO_VOCAB, width=width, depth=depth, num_heads=heads, num_kv_heads=heads,
       head_dim=width // heads, mlp_dim=4 * width, max_length=2048, norm="layer", norm_bias=False,
-      norm_eps=1e-5, mlp="gelu", positions="alibi", alibi_bias_max=8.0, tie_embeddings=True)
+      norm_eps=1e-5, mlp="gelu", positions="alibi", alibi_bias_max=8.0, tie_embeddings=True, qk_norm=qk_norm)
 
 
 def _openflamingo(decoder: DecoderConfig, every: int) -> FlamingoConfig:
@@ -119,7 +119,7 @@ _PRESETS: dict[str, FlamingoConfig] = {
         media_token_id=4,
         end_of_chunk_token_id=5,
     ),
-    "openflamingo-3b": _openflamingo(_mpt(width=2048, depth=24, heads=16), every=1),
+    "openflamingo-3b": _openflamingo(_mpt(width=2048, depth=24, heads=16, qk_norm="width"), every=1),
     "openflamingo-4b": _openflamingo(_REDPAJAMA_3B, every=2),
     "openflamingo-9b": _openflamingo(_mpt(width=4096, depth=32, heads=32), every=4),
     "flamingo-80b": FlamingoConfig(
