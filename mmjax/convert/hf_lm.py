@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.convert import hf_gpt_neox, hf_llama, hf_mpt, hf_opt, hf_persimmon, hf_phi
+from mmjax.convert import hf_gpt_neox, hf_llama, hf_mpt, hf_opt, hf_persimmon, hf_phi, mosaic_gpt
 from mmjax.convert.state_dict import LazyStateDict, SafetensorsFile, TorchFile
 from mmjax.models.decoder import DecoderConfig
 from mmjax.models.scan_layout import scan_plan
@@ -58,6 +58,8 @@ ARCHITECTURES: dict[str, Importer] = {
     "MptForCausalLM": Importer(hf_mpt.config_from_hf_mpt, hf_mpt.mpt_from_state_dict),
     "OPTForCausalLM": Importer(hf_opt.config_from_hf_opt, hf_opt.opt_from_state_dict),
     "PersimmonForCausalLM": Importer(hf_persimmon.config_from_hf_persimmon, hf_persimmon.persimmon_from_state_dict),
+    # MPT-1B-RedPajama (OpenFlamingo-3B's LM) as published: MPT's April 2023 predecessor.
+    "MosaicGPT": Importer(mosaic_gpt.config_from_mosaic_gpt, mosaic_gpt.mosaic_gpt_from_state_dict),
 }
 
 # (file name, how to open each weight file), in the order they are looked for.
