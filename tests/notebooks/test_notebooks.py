@@ -32,6 +32,7 @@ def test_every_notebook_is_tested_here():
   assert sorted(f for f in os.listdir(NOTEBOOKS) if f.endswith(".ipynb")) == ["quickstart.ipynb"]
 
 
+@pytest.mark.slow  # a real Jupyter kernel builds data and trains: minutes on 2 cores
 def test_quickstart_builds_trains_evaluates_and_answers(tmp_path, monkeypatch):
   nb, text = _execute("quickstart.ipynb", tmp_path, monkeypatch)
   assert "(built)" in text and "trained to step 4 (started at 0)" in text

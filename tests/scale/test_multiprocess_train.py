@@ -68,6 +68,10 @@ def data_dir(tmp_path_factory):
   return path
 
 
+# Both end-to-end `mmjax train` runs on two processes are in the slow tier (each several
+# minutes on 2 cores); tests/scale/test_multiprocess.py keeps two-process training and
+# cross-mesh restores in the default tier.
+@pytest.mark.slow
 def test_mmjax_train_on_two_processes_matches_one_and_each_resumes_the_others_checkpoint(data_dir, tmp_path):
   data = f"--config.data.dir={data_dir}"
   two, one = tmp_path / "two", tmp_path / "one"
@@ -114,6 +118,7 @@ def _wait_for_train_step(procs, workdir, step, timeout):
   raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both_and_the_job_resumes_there(data_dir, tmp_path):
   # TPU maintenance or preemption may signal any one worker: the other must stop with it.
   data = f"--config.data.dir={data_dir}"
