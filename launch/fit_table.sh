@@ -10,6 +10,9 @@
 # SCAN= (empty) compiles the unrolled decoder instead (the 9b-v5e and 9b-v6e rows of docs/tpu.md).
 #   launch/fit_table.sh [ROW ...]     rows: scale-tiny scale-3b 3b-v5e 3b-v5p 3b-v6e 9b-v5e 9b-v5p 9b-v6e 80b-v5e 80b-v5p 80b-v6e
 #     and the next smaller slices: 80b-v5e-small 80b-v5p-small 80b-v6e-small; 80b-v5p-16 80b-v5e-small-tp 80b-v5e-4x8
+#   the lm family: lm-tiny lm-7b-v5p, and each published-LM preset trained whole on v5p 2x2x1 (LM_ROWS below):
+#     llama2-7b-v5p vicuna-7b-v1.5-v5p mpt-1b-redpajama-v5p mpt-7b-v5p redpajama-incite-3b-v5p opt-2.7b-v5p
+#     qwen2-7b-v5p mistral-7b-v5p phi-2-v5p stablelm-2-1.6b-v5p persimmon-8b-v5p; lm-presets runs them all
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MMJAX="${MMJAX:-.venv/bin/mmjax}"
@@ -20,6 +23,11 @@ CFG=configs/flamingo/tiny.py
 SCAN="${SCAN---scan-layers}"
 RECIPE=(--trainable resampler,xattn --length 512 --num-images 1 --dtype bfloat16 --remat layers
         ${SCAN} --mesh fsdp=-1 --rules fsdp --frozen-rules frozen_towers --json "$OUT")
+# An lm preset trained whole (every parameter with Adam state), bf16 compute, per-layer remat,
+# scanned layers, 2048 tokens x 2 examples per chip: the lm-7b-v5p row's recipe.
+LM_RECIPE=(--length 2048 --dtype bfloat16 --remat layers --scan-layers --json "$OUT")
+LM_ROWS=(llama2-7b vicuna-7b-v1.5 mpt-1b-redpajama mpt-7b redpajama-incite-3b opt-2.7b qwen2-7b mistral-7b phi-2
+         stablelm-2-1.6b persimmon-8b)
 
 row() {
   case "$1" in
@@ -38,6 +46,12 @@ row() {
     lm-tiny) "$MMJAX" compile --config configs/lm/tiny.py --topology v5e:2x2 --json "$OUT" ;;
     lm-7b-v5p) "$MMJAX" compile --config configs/lm/tiny.py --preset llama-7b --topology v5p:2x2x1 --batch 8 \
                  --length 2048 --dtype bfloat16 --remat layers --scan-layers --json "$OUT" ;;
+    # The LMs the multimodal designs stand on, each at its published size on the smallest v5p slice.
+    llama2-7b-v5p|vicuna-7b-v1.5-v5p|mpt-1b-redpajama-v5p|mpt-7b-v5p|redpajama-incite-3b-v5p|opt-2.7b-v5p|\
+    qwen2-7b-v5p|mistral-7b-v5p|phi-2-v5p|stablelm-2-1.6b-v5p|persimmon-8b-v5p)
+             "$MMJAX" compile --config configs/lm/tiny.py --preset "${1%-v5p}" --topology v5p:2x2x1 --batch 8 \
+               "${LM_RECIPE[@]}" ;;
+    lm-presets) for p in "${LM_ROWS[@]}"; do row "$p-v5p"; done ;;
     # v5e: every chip holds a whole 7-layer block's gathered weights (about 12G of
     # temporaries whatever the slice), so 80B needs 128 chips for the state to fit beside.
     80b-v5e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x16 --batch 256 "${RECIPE[@]}" ;;
