@@ -1,6 +1,7 @@
 """Parity (issue 15): tiny random HF MPT (ALiBi, clip_qkv, bias-free LayerNorms), OPT (learned
 positions at offset 2, ReLU, biases), Persimmon (qk-norm, partial rotary, squared ReLU), Mistral
-(a sliding window shorter than the sequence) and LLaMA-3.1 (RoPE frequency scaling) imported
+(a sliding window shorter than the sequence), LLaMA-3.1 (RoPE frequency scaling), and Qwen2,
+StableLM and Phi (also in their own tests; here with a padded batch and cached generation) imported
 through their `mmjax.convert` modules give transformers' logits with the decoder's variant
 fields, on a batch with a padded example, unrolled and scanned; cached greedy generation equals
 transformers' greedy tokens."""
@@ -13,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from mmjax.convert import hf_llama, hf_mpt, hf_opt, hf_persimmon
+from mmjax.convert import hf_llama, hf_mpt, hf_opt, hf_persimmon, hf_phi
 from mmjax.infer import Decoding, Generator
 from mmjax.models import scan_layout
 from mmjax.models.decoder import Decoder, init_decoder_cache
@@ -85,6 +86,30 @@ def _llama3():
   return _perturb_norms(transformers.LlamaForCausalLM(config).eval())
 
 
+def _qwen2():
+  torch.manual_seed(9)
+  config = transformers.Qwen2Config(
+      vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, attn_implementation="eager")
+  return _perturb_norms(transformers.Qwen2ForCausalLM(config).eval())
+
+
+def _stablelm():
+  torch.manual_seed(10)
+  config = transformers.StableLmConfig(
+      vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+      num_key_value_heads=2, max_position_embeddings=64, use_qkv_bias=True, attn_implementation="eager",
+      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+  return _perturb_norms(transformers.StableLmForCausalLM(config).eval())
+
+
+def _phi():
+  torch.manual_seed(11)
+  config = transformers.PhiConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                  num_attention_heads=6, max_position_embeddings=64, attn_implementation="eager")
+  return _perturb_norms(transformers.PhiForCausalLM(config).eval())
+
+
 ARCHS = {
     "mpt": (_mpt, hf_mpt.config_from_hf_mpt, hf_mpt.mpt_from_state_dict),
     "mpt-5-heads": (_mpt_odd_heads, hf_mpt.config_from_hf_mpt, hf_mpt.mpt_from_state_dict),
@@ -92,6 +117,9 @@ ARCHS = {
     "persimmon": (_persimmon, hf_persimmon.config_from_hf_persimmon, hf_persimmon.persimmon_from_state_dict),
     "mistral": (_mistral, hf_llama.config_from_hf_llama, hf_llama.llama_from_state_dict),
     "llama3": (_llama3, hf_llama.config_from_hf_llama, hf_llama.llama_from_state_dict),
+    "qwen2": (_qwen2, hf_llama.config_from_hf_llama, hf_llama.llama_from_state_dict),
+    "stablelm": (_stablelm, hf_llama.config_from_hf_llama, hf_llama.llama_from_state_dict),
+    "phi": (_phi, hf_phi.config_from_hf_phi, lambda sd, config: hf_phi.phi_from_state_dict(sd, config)),
 }
 
 # What each import must have set (the variant under test).
@@ -102,6 +130,9 @@ EXPECTED = {
     "persimmon": dict(qk_norm="head", rotary_fraction=0.5, mlp="relu2", rope_theta=25000.0),
     "mistral": dict(sliding_window=4, num_kv_heads=2),
     "llama3": dict(rope_scaling="llama3", rope_original_max_length=32),
+    "qwen2": dict(attention_bias=True, attention_out_bias=False, num_kv_heads=2),
+    "stablelm": dict(norm="layer", rotary_fraction=0.25, attention_bias=True),
+    "phi": dict(parallel_residual=True, parallel_norms=1, lm_head_bias=True, rotary_fraction=0.5),
 }
 
 
@@ -133,7 +164,7 @@ def test_decoder_logits_equal_transformers(name, scan):
   assert diff <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["mpt", "opt", "persimmon", "mistral", "llama3"])
+@pytest.mark.parametrize("name", ["mpt", "opt", "persimmon", "mistral", "llama3", "qwen2", "stablelm", "phi"])
 def test_cached_generation_gives_transformers_greedy_tokens(name):
   model, config, params = _imported(name)
   decoder = Decoder(config)
@@ -145,6 +176,9 @@ def test_cached_generation_gives_transformers_greedy_tokens(name):
   decoding = Decoding(max_length=64, init_cache=lambda b, s: init_decoder_cache(config, b, s), prefill=prefill,
                       step=lambda p, tok, pos, ctx, cache: decoder.apply(p, tok, positions=pos, cache=cache))
   prompt = np.random.default_rng(1).integers(2, VOCAB, size=(1, 6)).astype(np.int32)
+  # No end-of-sequence id: with one, min_new_tokens would make transformers suppress it (Phi's
+  # config names 2, which its greedy continuation picks), and the comparison is of plain greedy.
+  model.generation_config.eos_token_id = None
   with torch.no_grad():
     want = model.generate(torch.from_numpy(prompt).long(), max_new_tokens=10, min_new_tokens=10, do_sample=False,
                           pad_token_id=0).numpy()[0, 6:]
