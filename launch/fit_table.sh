@@ -38,6 +38,8 @@ row() {
     3b-v5e)  "$MMJAX" compile --config $CFG --preset openflamingo-3b --topology v5e:2x2 --batch 8 "${RECIPE[@]}" ;;
     3b-v5p)  "$MMJAX" compile --config $CFG --preset openflamingo-3b --topology v5p:2x2x1 --batch 8 "${RECIPE[@]}" ;;
     3b-v6e)  "$MMJAX" compile --config $CFG --preset openflamingo-3b --topology v6e:2x2 --batch 8 "${RECIPE[@]}" ;;
+    4b-v5e)  "$MMJAX" compile --config $CFG --preset openflamingo-4b --topology v5e:2x2 --batch 8 "${RECIPE[@]}" ;;
+    4b-v5p)  "$MMJAX" compile --config $CFG --preset openflamingo-4b --topology v5p:2x2x1 --batch 8 "${RECIPE[@]}" ;;
     9b-v5e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5e:2x2 --batch 8 "${RECIPE[@]}" ;;
     9b-v5p)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v5p:2x2x1 --batch 8 "${RECIPE[@]}" ;;
     9b-v6e)  "$MMJAX" compile --config $CFG --preset openflamingo-9b --topology v6e:2x2 --batch 8 "${RECIPE[@]}" ;;

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmjax import zoo
-from mmjax.convert import hf_gpt_neox, hf_llama, hf_mpt, hf_opt, hf_persimmon, hf_phi
+from mmjax.convert import hf_gpt_neox, hf_llama, hf_mpt, hf_opt, hf_persimmon, hf_phi, mosaic_gpt
 from mmjax.families.lm import model as lm
 from mmjax.families.lm import presets as lm_presets
 
@@ -62,10 +62,11 @@ _LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
 PUBLISHED_CONFIGS = {
     "llama2-7b": (hf_llama.config_from_hf_llama, _LLAMA2_7B),
     "vicuna-7b-v1.5": (hf_llama.config_from_hf_llama, _LLAMA2_7B),
-    # The HF MPT layout (attn_config.qk_ln false) at mpt-1b-redpajama-200b's numbers.
-    "mpt-1b-redpajama": (hf_mpt.config_from_hf_mpt, dict(
-        d_model=2048, n_layers=24, n_heads=16, expansion_ratio=4, vocab_size=50432, max_seq_len=2048,
-        no_bias=True, attn_config=dict(alibi=True, alibi_bias_max=8, qk_ln=False, clip_qkv=None))),
+    # MosaicGPT, as published (MPT's April 2023 predecessor, with its width-wide q/k LayerNorm).
+    "mpt-1b-redpajama": (mosaic_gpt.config_from_mosaic_gpt, dict(
+        architectures=["MosaicGPT"], d_model=2048, n_layers=24, n_heads=16, mlp_ratio=4, vocab_size=50432,
+        max_seq_len=2048, alibi=True, alibi_bias_max=8, attn_qk_ln=True, attn_clip_qkv=None, no_bias=True,
+        low_precision_layernorm=True)),
     "mpt-7b": (hf_mpt.config_from_hf_mpt, dict(
         d_model=4096, n_layers=32, n_heads=32, expansion_ratio=4, vocab_size=50432, max_seq_len=2048,
         no_bias=True, layer_norm_epsilon=1e-5,

@@ -19,11 +19,11 @@ The LMs the multimodal designs stand on (issue 15), each from its HF config.json
   fine-tuned: the same numbers; 6,738,415,616 (the name's 7B). LLaVA-1.5's LM.
 - ``mpt-1b-redpajama``: mosaicml/mpt-1b-redpajama-200b's config.json (d_model 2048,
   n_layers 24, n_heads 16, mlp_ratio 4, vocab_size 50432, max_seq_len 2048, alibi true,
-  alibi_bias_max 8, no_bias true) in the HF MPT layout: LayerNorms without bias, GELU MLP,
-  ALiBi, tied embeddings; 1,311,344,640 parameters (model card: "a 1.3 billion parameter
-  decoder-only transformer"). OpenFlamingo-3B's LM. Not the published model exactly: its
-  MosaicGPT code sets attn_qk_ln true, a LayerNorm over the whole 2048-wide query and key,
-  which neither the HF MPT layout nor DecoderConfig.qk_norm (per head) expresses.
+  alibi_bias_max 8, no_bias true, attn_qk_ln true): LayerNorms without bias, GELU MLP,
+  ALiBi, tied embeddings, and MosaicGPT's LayerNorm over the whole 2048-wide query and key
+  (qk_norm="width"); 1,311,442,944 parameters (model card: "a 1.3 billion parameter
+  decoder-only transformer"). OpenFlamingo-3B's LM; its published weights import through
+  ``mmjax.convert.mosaic_gpt`` (``load_hf_lm`` reads ``architectures: ["MosaicGPT"]``).
 - ``mpt-7b``: mosaicml/mpt-7b config.json (d_model 4096, n_layers 32, n_heads 32,
   expansion_ratio 4, vocab_size 50432, max_seq_len 2048, alibi, no_bias, clip_qkv null,
   qk_ln false); 6,649,286,656 parameters, the checkpoint's own count (its
@@ -98,7 +98,7 @@ _PRESETS = {
     "mpt-1b-redpajama": LMConfig(DecoderConfig(
         vocab_size=50432, width=2048, depth=24, num_heads=16, num_kv_heads=16, head_dim=128, mlp_dim=8192,
         max_length=2048, norm="layer", norm_bias=False, norm_eps=1e-5, mlp="gelu", positions="alibi",
-        alibi_bias_max=8.0, tie_embeddings=True)),
+        alibi_bias_max=8.0, tie_embeddings=True, qk_norm="width")),
     "mpt-7b": LMConfig(DecoderConfig(
         vocab_size=50432, width=4096, depth=32, num_heads=32, num_kv_heads=32, head_dim=128, mlp_dim=16384,
         max_length=2048, norm="layer", norm_bias=False, norm_eps=1e-5, mlp="gelu", positions="alibi",
