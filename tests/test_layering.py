@@ -16,7 +16,7 @@ LAYERS = (
     ("errors", "filelock"),
     ("kernels",),
     ("sharding",),
-    ("layers",),
+    ("layers", "losses"),
     ("models",),
     ("data",),
     ("convert", "infer"),
