@@ -1,4 +1,5 @@
-"""`mmjax bench <what>`: benchmarks. Sub-verbs: ``attention`` (kernels vs XLA and cuDNN).
+"""`mmjax bench <what>`: benchmarks. Sub-verbs: ``attention`` (kernels vs XLA and cuDNN),
+``contrastive`` (memory of the contrastive losses; see ``contrastive_main``).
 
 ``mmjax bench attention`` sweeps sequence length (512 to 8192), the Flamingo
 cross-attention shapes (text length x images x latents), head dim, causal or not and
@@ -429,8 +430,95 @@ def _merged(previous: dict, meta: dict, mode: str, rows: list[dict]) -> tuple[di
   return meta_out, merged
 
 
+def _contrastive_temp_bytes(loss, mesh, batch: int, width: int, backward: bool) -> int:
+  """Compiled per-device temporary bytes of ``loss`` (or its gradient w.r.t. every argument)
+  on [batch, width] float32 embeddings split over the mesh's batch axes."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+  from mmjax.losses import contrastive
+  axes = tuple(a for a in contrastive.BATCH_MESH_AXES if a in mesh.axis_names)
+  rows = NamedSharding(mesh, PartitionSpec(axes))
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+  embeddings = jax.ShapeDtypeStruct((batch, width), jnp.float32, sharding=rows)
+  fn = jax.grad(loss, argnums=(0, 1, 2, 3)) if backward else loss
+  compiled = jax.jit(fn).lower(embeddings, embeddings, scalar, scalar).compile()
+  return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def contrastive_main(argv: list[str]) -> int:
+  """`mmjax bench contrastive`: compiled per-device temporary memory of the contrastive losses
+  (mmjax/losses/contrastive.py) on a data-parallel mesh: SigLIP's sigmoid loss chunked round
+  the ring against the same loss with the text embeddings all-gathered ([B/N, B] logits per
+  device), CLIP's softmax loss (gathered), and the dense B x B reference jitted on sharded
+  inputs (XLA's own partitioning). Forward and forward+backward. Writes OUT.json and OUT.md."""
+  parser = argparse.ArgumentParser(prog="mmjax bench contrastive", description=contrastive_main.__doc__)
+  parser.add_argument("--batch", type=int, default=4096, help="global batch B")
+  parser.add_argument("--width", type=int, default=256, help="embedding width D")
+  parser.add_argument("--devices", type=int, default=8,
+                      help="devices on the data axis; on CPU this many host devices are made")
+  parser.add_argument("--out", default="benchmarks/contrastive",
+                      help="results go to OUT.json and OUT.md")
+  args = parser.parse_args(argv)
+
+  import jax
+  if "--xla_force_host_platform_device_count" not in __import__("os").environ.get("XLA_FLAGS", ""):
+    try:  # only possible before JAX's backends start; harmless off CPU
+      jax.config.update("jax_num_cpu_devices", args.devices)
+    except RuntimeError:
+      pass
+  if len(jax.devices()) < args.devices:
+    print(f"mmjax bench contrastive: {args.devices} devices asked for, {len(jax.devices())} present "
+          f"(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={args.devices})",
+          file=sys.stderr)
+    return 2
+  from mmjax import sharding
+  from mmjax.losses import contrastive
+  mesh = sharding.make_mesh({"data": args.devices}, jax.devices()[:args.devices])
+  losses = {
+      "sigmoid_chunked": lambda x, y, s, b: contrastive.sigmoid_contrastive_loss(x, y, s, b, mesh=mesh),
+      "sigmoid_gathered": lambda x, y, s, b: contrastive.sigmoid_contrastive_loss(
+          x, y, s, b, mesh=mesh, chunked=False),
+      "sigmoid_dense_reference": contrastive.sigmoid_contrastive_loss_reference,
+      "softmax_gathered": lambda x, y, s, b: contrastive.softmax_contrastive_loss(x, y, s, mesh=mesh),
+  }
+  rows = []
+  for name, loss in losses.items():
+    row = {"loss": name}
+    for label, backward in (("fwd", False), ("fwd_bwd", True)):
+      row[f"{label}_temp_bytes"] = _contrastive_temp_bytes(loss, mesh, args.batch, args.width, backward)
+    rows.append(row)
+    print(f"{name:<24} fwd {_mib(row['fwd_temp_bytes'])} MiB  fwd+bwd {_mib(row['fwd_bwd_temp_bytes'])} MiB")
+  by_name = {row["loss"]: row for row in rows}
+  ratio = by_name["sigmoid_gathered"]["fwd_bwd_temp_bytes"] / by_name["sigmoid_chunked"]["fwd_bwd_temp_bytes"]
+  device = jax.devices()[0]
+  meta = {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "device": f"{args.devices} x {device.platform}: {device.device_kind}",
+      "jax": jax.__version__, "batch": args.batch, "width": args.width, "mesh": {"data": args.devices},
+      "gathered_over_chunked_fwd_bwd": round(ratio, 2),
+  }
+  print(f"sigmoid fwd+bwd: gathered / chunked = {ratio:.1f}x")
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+  lines = [f"# Contrastive losses: compiled per-device temporary memory", "",
+           f"{meta['date']}, {meta['device']}, jax {meta['jax']}; global batch B={args.batch}, "
+           f"width D={args.width}, float32, mesh data={args.devices} (b = B/N = {args.batch // args.devices} "
+           f"rows per device). `memory_analysis().temp_size_in_bytes` of the compiled loss (fwd) and of "
+           f"its gradient w.r.t. both embeddings, logit_scale and logit_bias (fwd+bwd), MiB.", "",
+           "| loss | fwd | fwd+bwd |", "|---|---:|---:|"]
+  lines += [f"| {row['loss']} | {_mib(row['fwd_temp_bytes'])} | {_mib(row['fwd_bwd_temp_bytes'])} |"
+            for row in rows]
+  lines += ["", f"Chunked SigLIP (fwd+bwd) holds {ratio:.1f}x less than the gathered one.", ""]
+  out.with_suffix(".md").write_text("\n".join(lines))
+  print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+  return 0
+
+
 VERBS = {
     "attention": (attention_main, "attention kernels vs the XLA reference (and cuDNN on GPU)"),
+    "contrastive": (contrastive_main, "memory of the chunked SigLIP loss vs the gathered one"),
 }
 
 
