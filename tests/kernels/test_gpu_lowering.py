@@ -6,10 +6,23 @@ running it needs one, so speed and numerics on a GPU stay unverified here (the v
 checked in interpret mode, ``test_attention_kernels.py``).
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
 from mmjax.kernels.attention import attention
+
+
+def _gpu_target():
+  """Where Pallas reads the GPU to lower for. JAX 0.10 lowers with a default GPU when the host
+  has none; from JAX 0.12 the target must be named: an abstract H100 on a one-device abstract
+  mesh (an Explicit axis, as ``use_abstract_mesh`` requires at top level)."""
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    return contextlib.nullcontext()
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=device)
+  return jax.sharding.use_abstract_mesh(mesh)
 
 
 def test_pallas_gpu_kernels_lower_to_triton_with_window_alibi_segments_and_images():
@@ -33,6 +46,7 @@ def test_pallas_gpu_kernels_lower_to_triton_with_window_alibi_segments_and_image
           jax.ShapeDtypeStruct((b, images * latents), jnp.int32),
           jax.ShapeDtypeStruct((h,), jnp.float32))
   step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-  text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  with _gpu_target():
+    text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   # Forward, dK/dV and dQ of each of the three attentions are Triton kernels.
   assert text.count("__gpu$xla.gpu.triton") == 9, text.count("__gpu$xla.gpu.triton")
