@@ -151,6 +151,7 @@ def test_scanned_decoder_rejects_an_unrolled_cache():
                    cache=xdecoder.cache(unrolled, 2, 2, 16))
 
 
+@pytest.mark.slow  # the default tier keeps the scanned decoder [2-5] and scanned cached decoding with media
 @pytest.mark.parametrize("n, depth", [(2, 5)])
 def test_scanned_flamingo_gives_the_unrolled_logits_and_gradients(n, depth):
   config = micro_config(cross_attn_every_n_layers=n, depth=depth)

@@ -60,6 +60,7 @@ def test_fsdp_per_chip_parameter_and_optimizer_bytes_fall_7x_from_4_to_32_chips(
   assert fits[0].fits is None  # not compiled: no peak to judge
 
 
+@pytest.mark.slow  # two TPU compiles of the tiny model (unrolled and scanned); the default tier compiles one
 def test_scan_layers_compiles_with_the_unrolled_state_bytes_and_flops(tmp_path):
   # flamingo-tiny scanned (2 blocks of 2 layers) vs unrolled: the same sharded state, and
   # XLA's count (loop body once) plus uncounted_flops close to the unrolled count.
