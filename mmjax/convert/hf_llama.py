@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from mmjax.convert.state_dict import StateDictReader, to_numpy
+from mmjax.convert.state_dict import StateDictReader
 from mmjax.models.decoder import DecoderConfig
 
 # Buffers some transformers versions save, which carry no learned weight.
@@ -121,14 +121,7 @@ def llama_from_state_dict(
   params["norm"] = _norm(r, prefix + "model.norm.", c)
   head_key = prefix + "lm_head.weight"
   if c.tie_embeddings:
-    if head_key in sd:
-      r.used.add(head_key)
-      head = to_numpy(sd[head_key])
-      emb = params["embed"]["embedding"]
-      if emb is not None and (head.shape != emb.shape or not np.array_equal(head, emb)):
-        r.misshaped.append(
-            f"{head_key}: differs from the embedding table, but the config ties them"
-            " (tie_embeddings=True); expected no lm_head or the same tensor")
+    r.tied_head(head_key, params["embed"]["embedding"])
   else:
     params["lm_head"] = {"kernel": r.linear(head_key, c.vocab_size, c.width)}
   unexpected = {k for k in sd if k.startswith(prefix) and k not in r.used

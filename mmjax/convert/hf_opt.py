@@ -26,9 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from mmjax.convert.state_dict import StateDictReader, to_numpy
+from mmjax.convert.state_dict import StateDictReader
 from mmjax.models.decoder import DecoderConfig
 
 OPT_POSITION_OFFSET = 2
@@ -99,11 +97,7 @@ def opt_from_state_dict(sd: Mapping[str, Any], config: DecoderConfig, *, prefix:
   params["norm"] = r.layer_norm(base + "final_layer_norm.", d)
   head_key = prefix + "lm_head.weight"
   if c.tie_embeddings:
-    if head_key in sd:
-      r.used.add(head_key)
-      emb = params["embed"]["embedding"]
-      if emb is not None and not np.array_equal(to_numpy(sd[head_key]), emb):
-        r.misshaped.append(f"{head_key}: differs from the embedding table, but the config ties them")
+    r.tied_head(head_key, params["embed"]["embedding"])
   else:
     params["lm_head"] = {"kernel": r.linear(head_key, c.vocab_size, d)}
   r.raise_if_errors({key for key in sd if key.startswith(prefix) and key not in r.used})

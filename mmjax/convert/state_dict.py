@@ -53,6 +53,17 @@ class StateDictReader:
     w = self.get(key, (out_features, in_features))
     return None if w is None else np.ascontiguousarray(w.T)
 
+  def tied_head(self, key: str, embedding: np.ndarray | None) -> None:
+    """An output head ``key`` of a model whose config ties it to ``embedding``: absent, or (as
+    torch's ``state_dict()`` lists the shared tensor under both names) equal to the table."""
+    if key not in self.sd:
+      return
+    self.used.add(key)
+    head = to_numpy(self.sd[key])
+    if embedding is not None and (head.shape != embedding.shape or not np.array_equal(head, embedding)):
+      self.misshaped.append(f"{key}: differs from the embedding table, but the config ties them"
+                            " (tie_embeddings=True); expected no lm_head or the same tensor")
+
   def layer_norm(self, prefix: str, dim: int) -> dict:
     """torch LayerNorm ``{prefix}weight``, ``{prefix}bias`` -> {"scale", "bias"}."""
     return {"scale": self.get(prefix + "weight", (dim,)), "bias": self.get(prefix + "bias", (dim,))}
