@@ -180,11 +180,12 @@ def example_dataset(data_dir: str | None = None, split: str = "train",
                     shard_by_jax_process: bool = True, bad_data: str = "skip",
                     num_epochs: int | None = None, shuffle: bool = True,
                     tokenizer: Tokenizer | None = None, truncate_images: bool = False,
-                    with_record_ids: bool = False) -> grain.MapDataset:
+                    with_record_ids: bool = False, builder=None) -> grain.MapDataset:
   """The record-level part of the pipeline: a `MapDataset` of examples or bad markers.
 
   `num_epochs=None` repeats forever (training); with a number, one pass over the
-  mixture stops when its first dataset runs out.
+  mixture stops when its first dataset runs out. `builder` (record -> example or bad
+  marker, picklable) replaces the `ExampleBuilder` of `bucket` (`pairs.PairBuilder`).
   """
   mixture = DEFAULT_MIXTURE if mixture is None else mixture
   chosen = _mixture_datasets(data_dir, mixture)
@@ -199,8 +200,10 @@ def example_dataset(data_dir: str | None = None, split: str = "train",
       ds = ds.shuffle(seed=_seed(seed, k))
     parts.append(ds.repeat(num_epochs) if num_epochs != 1 else ds)
   mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights.values()))
-  tokenizer = tokenizer or builders.load_tokenizer(data_dir)
-  return mixed.map(ExampleBuilder(tokenizer, bucket, bad_data, truncate_images, with_record_ids))
+  if builder is None:
+    tokenizer = tokenizer or builders.load_tokenizer(data_dir)
+    builder = ExampleBuilder(tokenizer, bucket, bad_data, truncate_images, with_record_ids)
+  return mixed.map(builder)
 
 
 def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size: int = 8,
@@ -210,7 +213,8 @@ def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size:
                   num_epochs: int | None = None, shuffle: bool = True,
                   tokenizer: Tokenizer | None = None, truncate_images: bool = False,
                   with_record_ids: bool = False, read_threads: int = 2,
-                  max_consecutive_bad_records: int = DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS) -> Pipeline:
+                  max_consecutive_bad_records: int = DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS,
+                  builder=None) -> Pipeline:
   """Fixed-shape batches of `split` from the datasets of `data_dir`.
 
   Args:
@@ -234,6 +238,8 @@ def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size:
     max_consecutive_bad_records: after this many bad records in a row (skipped with
       bad_data="skip"), raise `TooManyBadRecordsError` naming the datasets instead of
       skipping on (the datasets repeat: one with no good record would never end).
+    builder: record -> example or bad marker (picklable), instead of the `ExampleBuilder`
+      of `bucket`: image-text pairs (`mmjax.data.pairs.PairBuilder`) for contrastive towers.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}; expected >= 1")
@@ -246,7 +252,7 @@ def make_pipeline(data_dir: str | None = None, split: str = "train", batch_size:
     raise ValueError(f"num_workers={num_workers}; expected >= 0")
   examples = example_dataset(data_dir, split, bucket, seed, mixture, shard_by_jax_process,
                              bad_data, num_epochs, shuffle, tokenizer, truncate_images,
-                             with_record_ids)
+                             with_record_ids, builder)
   ds = examples.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
   if num_workers > 0:
     # grain's worker processes read absl flags; a program that is not an absl app (pytest,

@@ -63,6 +63,7 @@ BAD_REASONS = (
     "empty_text",            # no text token besides <image> / <|endofchunk|>
     "text_too_long",         # longer than T with no chunk boundary to cut at
     "image_token_mismatch",  # number of <image> tokens != number of images
+    "not_a_pair",            # an image-text pair (`pairs.PairBuilder`) without exactly one image
 )
 # A text-only bucket touches no image and cuts text anywhere: only "empty_text" applies to it.
 

@@ -75,6 +75,10 @@ class Task:
   # as its decoder); None: the family takes none. Raises ValueError naming what does
   # not fit.
   adopt_params: Callable[[Any, str, Any], Any] | None = None
+  # params -> {name: number}: the family's own figures of a trained model, which `mmjax
+  # eval` adds to the validation loss (the contrastive family: retrieval recall and
+  # zero-shot accuracy next to chance); None: nothing beyond the generic ones.
+  evaluate: Callable[[Any], dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

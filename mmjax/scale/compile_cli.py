@@ -94,6 +94,9 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--json", default=None, help="append each result as a JSON line to this file")
   args = parser.parse_args(argv)
 
+  def _scan_layers(config) -> bool:
+    return bool(config.model.get("decoder", {}).get("scan_layers", False))
+
   import dataclasses as _dc
   from mmjax.scale import aot
   from mmjax import families
@@ -111,6 +114,9 @@ def main(argv: list[str]) -> int:
       if args.remat:
         config.train.remat = args.remat
       if args.scan_layers:
+        if "decoder" not in config.model:
+          raise ValueError(f"--scan-layers scans a decoder's layers; family {families.of_config(config).name!r} "
+                           "has no decoder")
         config.model.decoder.scan_layers = True
     trainable = (frozenset(t for t in args.trainable.split(",") if t) if args.trainable
                  else optimizer.parse_stages(str(config.freeze.stages), families.of_config(config).components)[0]
@@ -129,7 +135,7 @@ def main(argv: list[str]) -> int:
   model = args.preset or os.path.basename(args.config)
   print(f"{model}: batch {batch}, text length {length}, {num_images} image(s)/example, "
         f"trainable {','.join(sorted(trainable))}, compute {config.mixed_precision.compute_dtype}, "
-        f"remat {config.train.remat}, scan_layers {bool(config.model.decoder.get('scan_layers', False))}")
+        f"remat {config.train.remat}, scan_layers {_scan_layers(config)}")
   print(aot.HEADER)
   code = 0
   for mesh, rules, frozen_rules in candidates:
@@ -146,6 +152,6 @@ def main(argv: list[str]) -> int:
     if args.json:
       with open(args.json, "a") as f:
         f.write(json.dumps({"model": model, **dataclasses.asdict(fit), "fits": fit.fits,
-                            "scan_layers": bool(config.model.decoder.get("scan_layers", False)),
+                            "scan_layers": _scan_layers(config),
                             "remat": str(config.train.remat)}) + "\n")
   return code if not args.sweep else 0

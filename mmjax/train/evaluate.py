@@ -1,6 +1,8 @@
 """Evaluation of a trained work directory: validation loss and perplexity for every family;
-for a family whose model reads images, exact-match QA accuracy (zero-shot and few-shot) and
-CIDEr-D of generated captions on the embedded dataset's validation split.
+for a family whose model reads images and generates text, exact-match QA accuracy (zero-shot
+and few-shot) and CIDEr-D of generated captions on the embedded dataset's validation split;
+and the family's own figures (`Task.evaluate`: a contrastive model's retrieval recall and
+zero-shot accuracy).
 
 Generation is `mmjax.infer`'s cached generator over the family's `Decoding` (greedy; the
 prompts are batched and right-padded, so each batch shape compiles once).
@@ -161,7 +163,8 @@ def evaluate(workdir: str, *, num_questions: int | None = None, few_shot_k: int 
   if task.takes_images:
     res["blank_images"] = bool(config.data.blank_images)
   res["val_loss"] = loop.evaluate_loss(eval_step, params, task.val_data(), config, int(config.eval.num_batches))
-  res["val_perplexity"] = math.exp(min(res["val_loss"], 700.0))
+  if task.loss_fn is None:  # a next-token loss: its exponential means something
+    res["val_perplexity"] = math.exp(min(res["val_loss"], 700.0))
   if task.takes_images and task.decoding is not None:
     gen = TextGenerator(task.decoding, {"params": params}, task.tokenizer)
     max_new = int(config.eval.max_new_tokens)
@@ -172,6 +175,8 @@ def evaluate(workdir: str, *, num_questions: int | None = None, few_shot_k: int 
       res[f"qa_{k}_shot"], _ = qa_accuracy(config, gen, task.data_dir, shots=k, limit=limit, max_new_tokens=max_new)
     if with_cider:
       res["cider"] = caption_cider(config, gen, task.data_dir, limit=min(limit or 100, 100))
+  if task.evaluate is not None:
+    res.update(task.evaluate(params))
   filelock.atomic_write(out_path, json.dumps(res, indent=2).encode())
   return res
 

@@ -1,0 +1,1 @@
+"""The `contrastive` family: CLIP and SigLIP dual encoders (docs/contrastive.md)."""
