@@ -13,6 +13,8 @@
 #   the lm family: lm-tiny lm-7b-v5p, and each published-LM preset trained whole on v5p 2x2x1 (LM_ROWS below):
 #     llama2-7b-v5p vicuna-7b-v1.5-v5p mpt-1b-redpajama-v5p mpt-7b-v5p redpajama-incite-3b-v5p opt-2.7b-v5p
 #     qwen2-7b-v5p mistral-7b-v5p phi-2-v5p stablelm-2-1.6b-v5p persimmon-8b-v5p; lm-presets runs them all
+#   the contrastive family, both towers trained whole, bf16 compute: clip-vit-l-14-v5e (softmax loss,
+#     77 tokens) siglip-so400m-14-384-v5p (the sigmoid loss chunked round the ring, 64 tokens)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MMJAX="${MMJAX:-.venv/bin/mmjax}"
@@ -54,6 +56,12 @@ row() {
              "$MMJAX" compile --config configs/lm/tiny.py --preset "${1%-v5p}" --topology v5p:2x2x1 --batch 8 \
                "${LM_RECIPE[@]}" ;;
     lm-presets) for p in "${LM_ROWS[@]}"; do row "$p-v5p"; done ;;
+    clip-vit-l-14-v5e)
+             "$MMJAX" compile --config configs/clip/tiny.py --preset clip-vit-l-14 --topology v5e:2x2 --batch 256 \
+               --length 77 --dtype bfloat16 --json "$OUT" ;;
+    siglip-so400m-14-384-v5p)
+             "$MMJAX" compile --config configs/siglip/tiny.py --preset siglip-so400m-14-384 --topology v5p:2x2x1 \
+               --batch 256 --length 64 --dtype bfloat16 --json "$OUT" ;;
     # v5e: every chip holds a whole 7-layer block's gathered weights (about 12G of
     # temporaries whatever the slice), so 80B needs 128 chips for the state to fit beside.
     80b-v5e) "$MMJAX" compile --config $CFG --preset flamingo-80b --topology v5e:8x16 --batch 256 "${RECIPE[@]}" ;;

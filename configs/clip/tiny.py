@@ -32,8 +32,8 @@ def get_config(arg=None):
   c.seed = 0
 
   # The model: every ContrastiveConfig field from the zoo preset (the text tower's
-  # vocab_size and eos_token_id come from the data's tokenizer, max_length is
-  # data.text_length).
+  # vocab_size and eos_token_id come from the data's tokenizer; its 32 position rows
+  # hold data.text_length tokens).
   c.model = dataclasses.asdict(zoo.get("clip-tiny"))
   c.model["family"] = "contrastive"
 

@@ -371,6 +371,19 @@ class VisionTransformer(nn.Module):
     return self.features(images)["pooled"]
 
 
+def stem_flops(v: ViTConfig) -> float:
+  """Forward matmul FLOPs of a ViT's stem (`ViTConfig.stem`) on one image (2mnk per multiply-add)."""
+  grid = v.image_size // v.patch_size
+  if v.stem != "conv":
+    return 2 * grid * grid * v.patch_size ** 2 * 3 * v.width
+  total, side, c_in = 0, v.image_size, 3
+  for c_out in conv_stem_channels(v.patch_size, v.width):
+    side //= 2
+    total += 2 * side * side * 9 * c_in * c_out
+    c_in = c_out
+  return total + 2 * grid * grid * c_in * v.width
+
+
 def count_params(config: ViTConfig) -> int:
   """Number of parameters of a tower, from jax.eval_shape (nothing is allocated)."""
   model = VisionTransformer(config)

@@ -39,7 +39,7 @@ def test_every_registered_family_is_complete_and_its_abstract_model_has_only_its
 
 
 def test_an_unknown_family_is_an_error_listing_the_registered_ones(capsys, tmp_path):
-  with pytest.raises(ValueError, match=r"model family 'llava' is not registered; expected one of \['flamingo'"):
+  with pytest.raises(ValueError, match=r"model family 'llava' is not registered; expected one of \['contrastive', 'flamingo'"):
     families.get("llava")
   code = cli.train_main([f"--config={cli.TINY}", f"--workdir={tmp_path}", "--config.model.family=llava"])
   assert code == 2

@@ -2,8 +2,9 @@
 
 `config.model` is {"family": "contrastive", every ContrastiveConfig field, with `vision`
 and `text` as dicts of their towers' fields}. The text tower's vocabulary and end-of-text
-id come from the data's tokenizer, its position table is `data.text_length` long, and the
-compute dtype is `config.mixed_precision.compute_dtype`.
+id come from the data's tokenizer, and the compute dtype is
+`config.mixed_precision.compute_dtype`; `data.text_length` may be shorter than the tower's
+position table (`model.text.max_length`), never longer.
 
 Data (`mmjax.data.pairs`): one image and one text of `data.text_length` tokens per example,
 from the datasets `data.mixture` names (the embedded `captions` by default; a user's
@@ -35,10 +36,9 @@ from mmjax.data import pairs
 from mmjax.families import base, common
 from mmjax.families.contrastive import evaluate as evaluate_lib
 from mmjax.families.contrastive import model as contrastive
-from mmjax.families.flamingo.flops import stem_flops
 from mmjax.losses import contrastive as losses
 from mmjax.models.text_tower import TextTowerConfig
-from mmjax.models.vit import ViTConfig
+from mmjax.models.vit import ViTConfig, stem_flops
 
 NOT_MODEL_FIELDS = ("family",)
 DEFAULT_MIXTURE = "captions:1"
@@ -50,7 +50,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
   m = config.model.to_dict()
   dtype = str(config.mixed_precision.compute_dtype)
   top = {k: v for k, v in m.items() if k not in ("vision", "text") + NOT_MODEL_FIELDS}
-  text = dict(m.get("text", {}), max_length=int(config.data.text_length), dtype=dtype)
+  text = dict(m.get("text", {}), dtype=dtype)
   if vocab_size is not None:
     text.update(vocab_size=vocab_size, eos_token_id=eos_token_id)
   cfg = common.replace_fields(
@@ -60,15 +60,20 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
   return cfg.validate()
 
 
-def check_config(config: ml_collections.ConfigDict, cfg: contrastive.ContrastiveConfig) -> None:
-  """ValueError naming the first setting this family cannot train with."""
+def check_config(config: ml_collections.ConfigDict, cfg: contrastive.ContrastiveConfig, *, data: bool = True) -> None:
+  """ValueError naming the first setting this family cannot train with (`data`: also the
+  data settings, which `mmjax compile` of a preset does not use)."""
   accum = int(config.optimizer.get("grad_accum_steps", 1))
   if accum != 1:
     raise ValueError(f"optimizer.grad_accum_steps={accum}; the contrastive loss compares every pair of the global "
                      "batch, which micro-batches would cut into separate, smaller sets of negatives: expected 1 "
                      "(use more devices, or a smaller batch)")
+  length = int(config.data.text_length)
+  if length > cfg.text.max_length:
+    raise ValueError(f"data.text_length={length} is longer than the text tower's {cfg.text.max_length} position "
+                     "embeddings (model.text.max_length); expected at most that")
   size = int(config.data.get("image_size", cfg.vision.image_size))
-  if size != cfg.vision.image_size:
+  if data and size != cfg.vision.image_size:
     raise ValueError(f"data.image_size={size} but model.vision.image_size={cfg.vision.image_size}; expected equal")
 
 
@@ -190,9 +195,8 @@ def contrastive_task(config: ml_collections.ConfigDict, workdir: str | None = No
 
 def abstract(config: ml_collections.ConfigDict) -> base.AbstractModel:
   cfg = model_config(config)
-  check_config(config, cfg)
-  length = int(config.data.text_length)
-  model = Model(cfg, length)
+  check_config(config, cfg, data=False)
+  model = Model(cfg, cfg.text.max_length)
   return base.AbstractModel(
       config=cfg, init_params=model.init, apply_fn=model.apply, boxed_params=model.boxed,
       param_labels=contrastive.param_labels, loss_fn=model.loss, param_metrics=param_metrics,

@@ -10,24 +10,11 @@ the LM layers above the first cross-attention block in the Flamingo recipe, not 
 
 from __future__ import annotations
 
-from mmjax.layers.embed import conv_stem_channels
+from mmjax.models.vit import stem_flops  # noqa: F401  (re-exported: the tests and docs name it here)
 
 
 def _mult(trainable: bool, grad_passes: bool) -> int:
   return 3 if trainable else (2 if grad_passes else 1)
-
-
-def stem_flops(v) -> float:
-  """Forward matmul FLOPs of a ViT's stem (`ViTConfig.stem`) on one image."""
-  grid = v.image_size // v.patch_size
-  if v.stem != "conv":
-    return 2 * grid * grid * v.patch_size ** 2 * 3 * v.width
-  total, side, c_in = 0, v.image_size, 3
-  for c_out in conv_stem_channels(v.patch_size, v.width):
-    side //= 2
-    total += 2 * side * side * 9 * c_in * c_out
-    c_in = c_out
-  return total + 2 * grid * grid * c_in * v.width
 
 
 def flamingo_forward_flops(cfg, num_images: int, text_length: int) -> dict[str, list[float]]:
