@@ -1,4 +1,4 @@
-"""The `mmjax` command: `mmjax train | eval | generate | plot | data | bench | compile | launch | demo`.
+"""The `mmjax` command: `mmjax train | eval | recipe | generate | plot | data | bench | compile | launch | demo`.
 
 Each verb lives beside the code it drives and exposes ``main(argv) -> int``; this file
 only routes to it, importing the verb's module when it is used so that `mmjax --help`
@@ -30,6 +30,13 @@ def _train(argv):
 def _eval(argv):
   from mmjax.train import cli
   return cli.eval_main(argv)
+
+
+def _recipe(argv):
+  from mmjax.scale import distributed
+  distributed.maybe_initialize()
+  from mmjax.train import recipe
+  return recipe.main(argv)
 
 
 def _generate(argv):
@@ -65,6 +72,7 @@ def _launch(argv):
 COMMANDS = {
     "train": (_train, "train a model from a config into a work directory (resumes if one is there)"),
     "eval": (_eval, "validation loss and question-answering accuracy of a work directory"),
+    "recipe": (_recipe, "train a multi-run recipe's runs in order (mmjax recipe flamingo-staged), then eval"),
     "generate": (_generate, "answer a prompt with images from a trained work directory"),
     "plot": (_plot, "draw loss curves and gate values of a work directory"),
     "demo": (_demo, "build the data, train the demo model, and show what it learned"),

@@ -51,8 +51,10 @@ def get_config(arg=None):
   # cross-attention's learning, so this recipe starts with the gates open.
   c.init = ml_collections.ConfigDict()
   c.init.gate_value = 1.0
-  # A work directory whose newest checkpoint initialises part of the model (an `lm` run's
-  # LM becomes the decoder: configs/flamingo/staged.py); empty: everything from scratch.
+  # Work directories (one, or several comma-separated, adopted in that order) whose newest
+  # checkpoints initialise parts of the model: an `lm` run's LM becomes the decoder, a
+  # `contrastive` run's image tower the vision tower (configs/flamingo/staged.py); empty:
+  # everything from scratch.
   c.init.from_workdir = ""
 
   # Mixed precision: parameters stay float32; compute_dtype is the models' `dtype`

@@ -72,8 +72,8 @@ class Task:
   param_metrics: Callable[[Any], dict[str, jax.Array]] | None = None
   # (fresh params, the other run's family name, its params) -> params with the other
   # run's parameters in place (`config.init.from_workdir`: Flamingo takes an `lm` run's
-  # as its decoder); None: the family takes none. Raises ValueError naming what does
-  # not fit.
+  # as its decoder and a `contrastive` run's image tower as its vision tower); None: the
+  # family takes none. Raises ValueError naming what does not fit.
   adopt_params: Callable[[Any, str, Any], Any] | None = None
   # params -> {name: number}: the family's own figures of a trained model, which `mmjax
   # eval` adds to the validation loss (the contrastive family: retrieval recall and

@@ -1,10 +1,14 @@
-"""Starting a run from another run's checkpoint (`config.init.from_workdir`): the Flamingo
-recipe freezes a *pretrained* LM, so `configs/flamingo/staged.py` starts from an `lm` run.
+"""Starting a run from other runs' checkpoints (`config.init.from_workdir`): the Flamingo
+recipe freezes a *pretrained* LM and a *pretrained* vision tower, so
+`configs/flamingo/staged.py` starts from an `lm` run and a `contrastive` run
+(`init.from_workdir = "work/lm-tiny,work/clip-tiny"`).
 
-The other work directory is only read (its newest complete checkpoint, read-only, as
-`mmjax eval` reads); its family says what its parameters are, this run's family where
-they go (`Task.adopt_params`). Both runs must tokenize alike: the token ids of one mean
-nothing to the other otherwise.
+`init.from_workdir` names one work directory or several, comma-separated; each is adopted
+in turn, in the order given, on the result of the one before. Each other work directory is
+only read (its newest complete checkpoint, read-only, as `mmjax eval` reads); its family
+says what its parameters are, this run's family where they go (`Task.adopt_params`). Each
+must tokenize as this run does: the token ids of one mean nothing to the other otherwise
+(a run that reads no text still copies its tokenizer, and is checked alike).
 """
 
 from __future__ import annotations
@@ -20,20 +24,31 @@ from mmjax.families.base import Task
 
 
 def source(config: ml_collections.ConfigDict) -> str:
-  """The work directory `config.init.from_workdir` names, or '' for none."""
+  """What `config.init.from_workdir` names (one work directory or several, comma-separated),
+  or '' for none."""
   init = config.get("init", None)
   return str(init.get("from_workdir", "") or "") if init is not None else ""
 
 
+def sources(config: ml_collections.ConfigDict) -> list[str]:
+  """The work directories `config.init.from_workdir` names, in the order they are adopted."""
+  return [s.strip() for s in source(config).split(",") if s.strip()]
+
+
 def adopt(config: ml_collections.ConfigDict, task: Task, params: Any) -> Any:
-  """`params` (a fresh init) with the pretrained parameters of `config.init.from_workdir`
-  in place; `params` unchanged when the config names no work directory."""
+  """`params` (a fresh init) with the pretrained parameters of each work directory of
+  `config.init.from_workdir` in place, in turn; `params` unchanged when the config names
+  none."""
+  for src in sources(config):
+    params = _adopt_one(config, task, params, src)
+  return params
+
+
+def _adopt_one(config: ml_collections.ConfigDict, task: Task, params: Any, src: str) -> Any:
+  """`params` with the pretrained parameters of the one work directory `src` in place."""
   from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from mmjax.train import loop  # pylint: disable=g-import-not-at-top
   from mmjax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  src = source(config)
-  if not src:
-    return params
   family = families.of_config(config)
   if task.adopt_params is None:
     raise ValueError(f"config.init.from_workdir={src!r}, but family {family.name!r} takes no pretrained "
@@ -41,7 +56,9 @@ def adopt(config: ml_collections.ConfigDict, task: Task, params: Any) -> Any:
   if not os.path.isdir(src):
     raise ValueError(f"config.init.from_workdir={src!r} is not a directory; expected a work directory "
                      "written by `mmjax train` (train that run first; the shipped staged recipe starts from "
-                     "`mmjax train --config configs/lm/tiny.py --workdir work/lm-tiny`)")
+                     "`mmjax train --config configs/lm/tiny.py --workdir work/lm-tiny` and "
+                     "`mmjax train --config configs/clip/tiny.py --workdir work/clip-tiny`, which "
+                     "`mmjax recipe flamingo-staged` runs in order)")
   other_config = config_lib.read_resolved(src)
   other_family = families.of_config(other_config)
   other_task = other_family.task(other_config, src)

@@ -140,13 +140,16 @@ def test_flamingo_starts_from_an_lm_runs_checkpoint_with_its_lm_bitwise(data_dir
   del loop
 
 
-def test_the_staged_recipe_starts_from_an_lm_run_and_never_trains_its_lm():
+def test_the_staged_recipe_starts_from_an_lm_and_a_contrastive_run_and_never_trains_either():
   from mmjax.train import optimizer
+  from mmjax.train import pretrained
   config = config_lib.load_config("flamingo/staged")
-  assert config.init.from_workdir == "work/lm-tiny"
+  assert pretrained.sources(config) == ["work/lm-tiny", "work/clip-tiny"]
   stages = optimizer.parse_stages(str(config.freeze.stages), families.of_config(config).components)
-  assert all("lm" not in s.trainable for s in stages)
-  assert stages[-1].trainable == frozenset({"resampler", "xattn"})  # the vision tower frozen too
+  # Only the resampler and the cross-attention ever train: the LM and the vision tower are
+  # frozen from step 0.
+  assert all(s.trainable == frozenset({"resampler", "xattn"}) for s in stages)
+  assert stages[0].start_step == 0
 
 
 def test_a_missing_pretrained_run_is_an_error_saying_how_to_make_it(tmp_path, data_dir):

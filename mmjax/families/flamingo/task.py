@@ -90,10 +90,15 @@ class Model:
 
 
 def adopt_params(params: dict, family: str, other: dict) -> dict:
-  """Flamingo params with an `lm` run's LM as the decoder (the cross-attention layers, vision
-  tower and resampler keep their fresh init). ValueError naming what does not fit."""
+  """Flamingo params with another run's pretrained part in place: an `lm` run's LM as the
+  decoder, or a `contrastive` run's image tower as the vision tower (what the other does
+  not give keeps its fresh init: the cross-attention layers and the resampler always).
+  ValueError naming what does not fit."""
+  if family == "contrastive":
+    return _adopt_vision(params, other)
   if family != "lm":
-    raise ValueError(f"a Flamingo run can start from an 'lm' run's checkpoint; got one of family {family!r}")
+    raise ValueError(f"a Flamingo run can start from an 'lm' run's or a 'contrastive' run's checkpoint; got one "
+                     f"of family {family!r}")
   mine, theirs = params["decoder"], other["decoder"]
   missing = sorted(set(mine) - set(theirs) - {k for k in mine if k.startswith("xattn")})
   extra = sorted(set(theirs) - set(mine))
@@ -112,6 +117,23 @@ def adopt_params(params: dict, family: str, other: dict) -> dict:
     raise ValueError(f"the lm run's decoder has other shapes at {bad} (e.g. {first}: {shapes(theirs[first])} vs "
                      f"{shapes(mine[first])}); expected model.decoder equal to the lm run's")
   return {**params, "decoder": {**mine, **{k: jax.tree.map(jnp.asarray, v) for k, v in theirs.items()}}}
+
+
+def _adopt_vision(params: dict, other: dict) -> dict:
+  """Flamingo params with a `contrastive` run's image tower as `vision` (its text tower and
+  projection are not used: Flamingo reads the tower's tokens, not its pooled embedding)."""
+  flat = lambda t: {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  mine, theirs = flat(params["vision"]), flat(other["vision"])
+  missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+  if missing or extra:
+    raise ValueError(f"the contrastive run's vision tower does not fit this Flamingo's: missing {missing}, "
+                     f"unexpected {extra}; expected model.vision equal to the contrastive run's")
+  bad = [k for k in theirs if theirs[k] != mine[k]]
+  if bad:
+    first = bad[0]
+    raise ValueError(f"the contrastive run's vision tower has other shapes at {bad} (e.g. {first}: {theirs[first]} "
+                     f"vs {mine[first]}); expected model.vision equal to the contrastive run's")
+  return {**params, "vision": jax.tree.map(jnp.asarray, other["vision"])}
 
 
 def example_batch(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer, batch_size: int = 1) -> dict:
