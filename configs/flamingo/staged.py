@@ -1,29 +1,32 @@
-"""flamingo/staged: the Flamingo recipe on the embedded dataset, over a pretrained LM.
+"""flamingo/staged: the Flamingo recipe on the embedded dataset: a contrastively pretrained
+vision tower and a pretrained LM, both frozen; only the resampler and the gated
+cross-attention train.
 
-Run (the LM first: `lm/tiny` is flamingo-tiny's LM, trained on the dataset's text):
+Run (one command, the three stages in order, each resuming its work directory, so a
+finished stage is a no-op; then `mmjax eval` of the Flamingo):
+  mmjax recipe flamingo-staged            # or: make recipe
+which is
   mmjax train --config configs/lm/tiny.py --workdir work/lm-tiny
+  mmjax train --config configs/clip/tiny.py --workdir work/clip-tiny
   mmjax train --config configs/flamingo/staged.py --workdir work/flamingo-staged
   mmjax eval --workdir work/flamingo-staged
 
-`init.from_workdir` names the `lm` run whose newest checkpoint becomes this Flamingo's
-decoder (`mmjax.train.pretrained`; the tokenizer must be the same). The LM is frozen from
-the first step, as in the Flamingo recipe. The vision tower has no pretrained weights to
-import here, so stage 0 (steps 0-599) trains it with the resampler and the gated
-cross-attention; stage 1 (from step 600) freezes it too and trains only the resampler and
-the cross-attention (their optimizer state is created afresh at the boundary, the
-learning-rate schedule runs on over the global step). Frozen parameters stay bitwise at
-their values (the trainer's tests check this).
+`init.from_workdir` names the two pretrained runs (`mmjax.train.pretrained`), adopted in
+that order: the `lm` run's newest checkpoint becomes this Flamingo's decoder, the
+`contrastive` run's image tower (`clip-tiny`: flamingo/tiny's tower, 64 px, convolutional
+stem) its vision tower; both must tokenize as this run does. Both are frozen from the
+first step, as in Flamingo and OpenFlamingo: only the Perceiver resampler and the gated
+cross-attention layers train, and the frozen parameters stay bitwise at the adopted values
+(tests/families/test_lm.py checks this).
 
-Measured (seed 0, 2026-12-01, 2 CPU cores, over lm/tiny trained 600 steps): validation loss
-0.386, QA exact match 59.5% on the 400 balanced validation questions (2-shot 35.5%,
-CIDEr-D 2.70), against 24.5% with `--config.data.blank_images=True` (loss
-0.504); flamingo/tiny, which trains its LM too, reaches 0.284 and 62.3%. 536 s with
-evaluation on a loaded machine. docs/families.md ("Flamingo over a pretrained LM") has
-the table.
+Measured: see docs/families.md ("The Flamingo recipe: frozen contrastive tower and LM")
+for the run of record (QA exact match with images against the blanked control,
+`--config.data.blank_images=True` on this stage over the same two runs, and against
+flamingo/tiny, which trains everything).
 
 With real weights (`mmjax.families.flamingo.convert`), set `--config.init.from_workdir=`
-(empty), `--config.freeze.stages=0:resampler,xattn` and `--config.init.gate_value=0`
-(Flamingo's zero-init gates, so that the model starts as the pretrained LM).
+(empty) and `--config.init.gate_value=0` (Flamingo's zero-init gates, so that the model
+starts as the pretrained LM).
 """
 
 import importlib.util
@@ -39,10 +42,13 @@ def _tiny():
 
 def get_config(arg=None):
   c = _tiny().get_config(arg)
-  # The lm run to start from (configs/lm/tiny.py trains it; its LM is flamingo-tiny's).
-  c.init.from_workdir = "work/lm-tiny"
+  # The pretrained runs, adopted in this order: configs/lm/tiny.py trains the LM (the
+  # `lm-tiny` preset is flamingo-tiny's), configs/clip/tiny.py the image tower (the
+  # `clip-tiny` preset's is flamingo/tiny's).
+  c.init.from_workdir = "work/lm-tiny,work/clip-tiny"
   c.train.num_steps = 900
-  c.freeze.stages = "0:vision,resampler,xattn;600:resampler,xattn"
+  # The vision tower and the LM frozen from step 0.
+  c.freeze.stages = "0:resampler,xattn"
   c.checkpoint.every_steps = 300
   c.eval.every_steps = 300
   return c
