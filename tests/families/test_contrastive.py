@@ -234,3 +234,16 @@ def test_a_scene_key_gives_back_its_shapes_left_to_right():
   for _ in range(50):
     scene = scenes.sample_scene(rng, 64)
     assert evaluate_lib.parse_scene_key(scene.key) == tuple((s.shape, s.colour) for s in scene.shapes)
+
+
+def test_a_global_batch_the_devices_cannot_split_is_refused_before_training_naming_both(data_dir, tmp_path, capsys):
+  args = [a for a in SMALL if "num_devices" not in a and "batch_size" not in a]
+  assert cli.train_main(["--config=configs/siglip/tiny.py", f"--workdir={tmp_path / 'w'}",
+                         f"--config.data.dir={data_dir}", *args, "--config.mesh.num_devices=8",
+                         "--config.data.batch_size=12"]) == 2
+  assert "data.batch_size=12 does not split over the 8-way batch axes" in capsys.readouterr().err
+  # The loss itself refuses it too, for a caller outside the trainer (no padding).
+  from mmjax.losses import contrastive as losses
+  x = jnp.ones((12, 4), jnp.float32) / 2
+  with pytest.raises(ValueError, match=r"global batch 12 is not divisible by the 8 devices"):
+    losses.sigmoid_contrastive_loss(x, x, 0.0, 0.0, mesh=sh.make_mesh({"fsdp": 8}))
