@@ -145,7 +145,7 @@ _SIGLIP_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=307
                         layer_norm_eps=1e-6, projection_size=None)
 
 
-def _as_dict(hf_config: Any) -> dict:
+def config_dict(hf_config: Any) -> dict:
   """A config.json dict, or a transformers config object, as a dict."""
   if isinstance(hf_config, Mapping):
     return dict(hf_config)
@@ -157,9 +157,9 @@ def _as_dict(hf_config: Any) -> dict:
 
 def _text_part(hf_config: Any) -> tuple[dict, dict]:
   """(the text config, the whole config): a CLIPConfig / SiglipConfig nests it in text_config."""
-  whole = _as_dict(hf_config)
+  whole = config_dict(hf_config)
   text = whole.get("text_config")
-  return (_as_dict(text) if text is not None else whole), whole
+  return (config_dict(text) if text is not None else whole), whole
 
 
 def _common_fields(t: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmjax.data.preprocess import BAD_DATA_POLICIES, BadImageError, BadRecordError, decode_image
+from mmjax.data.preprocess import BadImageError, BadRecordError, RecordBuilder, decode_image
 from mmjax.data.scenes import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 from mmjax.data.tokenizer import Tokenizer
 
@@ -56,30 +56,18 @@ def encode_text(tokenizer: Tokenizer, text: str, length: int, *, truncate: bool)
   return out, (np.arange(length) < len(ids)).astype(np.int32), truncated
 
 
-class PairBuilder:
+class PairBuilder(RecordBuilder):
   """Callable record -> pair example (or bad-record marker); picklable for grain workers."""
 
   def __init__(self, tokenizer: Tokenizer, text_length: int, image_size: int, *, truncate: bool = False,
                bad_data: str = "skip", with_record_ids: bool = False):
-    if bad_data not in BAD_DATA_POLICIES:
-      raise ValueError(f"bad_data={bad_data!r}; expected one of {BAD_DATA_POLICIES}")
+    super().__init__(bad_data, with_record_ids)
     if text_length < 2 or image_size < 1:
       raise ValueError(f"text_length={text_length}, image_size={image_size}; expected >= 2 and >= 1")
-    self.tokenizer, self.text_length, self.image_size = tokenizer, text_length, image_size
-    self.truncate, self.bad_data, self.with_record_ids = truncate, bad_data, with_record_ids
+    self.tokenizer, self.text_length, self.image_size, self.truncate = tokenizer, text_length, image_size, truncate
 
-  def __call__(self, record: dict) -> dict:
-    record_id = record.get("id", "?")
-    record_id = record_id.decode() if isinstance(record_id, bytes) else str(record_id)
-    try:
-      example = self.build(record, record_id)
-    except BadRecordError as e:
-      if self.bad_data == "raise":
-        raise
-      return {"bad_record": e.reason, "record_id": record_id}
-    if self.with_record_ids:
-      example["record_id"] = record_id
-    return example
+  def _build(self, record: dict, record_id: str) -> dict:
+    return self.build(record, record_id)
 
   def build(self, record: dict, record_id: str = "?") -> dict:
     images = list(record.get("images", []))

@@ -212,15 +212,18 @@ def _png_size(file: BinaryIO) -> tuple[int, int] | None:
   return struct.unpack(">II", header[16:24])
 
 
-class ExampleBuilder:
-  """Callable record -> example (or bad-record marker); picklable for grain workers."""
+class RecordBuilder:
+  """Callable record -> example, or a bad-record marker under the bad-data policy (a
+  `BadRecordError` raised by `_build` becomes {"bad_record": reason, "record_id": id} with
+  "skip", or propagates with "raise"); picklable for grain workers."""
 
-  def __init__(self, tokenizer: Tokenizer, bucket: Bucket, bad_data: str = "skip",
-               truncate_images: bool = False, with_record_ids: bool = False):
+  def __init__(self, bad_data: str = "skip", with_record_ids: bool = False):
     if bad_data not in BAD_DATA_POLICIES:
       raise ValueError(f"bad_data={bad_data!r}; expected one of {BAD_DATA_POLICIES}")
-    self.tokenizer, self.bucket, self.bad_data = tokenizer, bucket, bad_data
-    self.truncate_images, self.with_record_ids = truncate_images, with_record_ids
+    self.bad_data, self.with_record_ids = bad_data, with_record_ids
+
+  def _build(self, record: dict, record_id: str) -> dict:
+    raise NotImplementedError
 
   def __call__(self, record: dict) -> dict:
     record_id = _as_str(record.get("id", "?"))
@@ -233,6 +236,15 @@ class ExampleBuilder:
     if self.with_record_ids:
       example["record_id"] = record_id
     return example
+
+
+class ExampleBuilder(RecordBuilder):
+  """Record -> the example of an image or text-only bucket (module docstring)."""
+
+  def __init__(self, tokenizer: Tokenizer, bucket: Bucket, bad_data: str = "skip",
+               truncate_images: bool = False, with_record_ids: bool = False):
+    super().__init__(bad_data, with_record_ids)
+    self.tokenizer, self.bucket, self.truncate_images = tokenizer, bucket, truncate_images
 
   def _build(self, record: dict, record_id: str) -> dict:
     if self.bucket.text_only:

@@ -79,22 +79,12 @@ _IGNORED_SUFFIXES = ("position_ids",)
 
 # ------------------------------------------------------------------------------ configs
 
-def _as_dict(hf_config: Any) -> dict:
-  """A config.json dict, or a transformers config object, as a dict."""
-  if isinstance(hf_config, Mapping):
-    return dict(hf_config)
-  if hasattr(hf_config, "to_dict"):
-    return hf_config.to_dict()
-  raise ValueError(f"hf_config is a {type(hf_config).__name__}, expected a config.json dict or a "
-                   "transformers config")
-
-
 def config_from_hf_clip(hf_config: Any, **overrides) -> ContrastiveConfig:
   """ContrastiveConfig of a ``CLIPConfig`` (object or config.json dict).
 
   ``overrides``: ContrastiveConfig fields, or ``dtype`` / ``attention_backend`` for both towers.
   """
-  whole = _as_dict(hf_config)
+  whole = hf_text.config_dict(hf_config)
   text = hf_text.config_from_hf_clip_text(whole)
   config = ContrastiveConfig(
       vision=hf_vision.config_from_hf_clip(whole), text=text, vision_projection_dim=text.projection_dim,
@@ -107,7 +97,7 @@ def config_from_hf_siglip(hf_config: Any, **overrides) -> ContrastiveConfig:
   """ContrastiveConfig of a ``SiglipConfig`` (object or config.json dict): no image projection
   (the attention-pooling head's output is the embedding), the sigmoid loss with its bias, and
   the paper's initial temperature and bias (log 10, -10; config.json holds neither)."""
-  whole = _as_dict(hf_config)
+  whole = hf_text.config_dict(hf_config)
   config = ContrastiveConfig(
       vision=hf_vision.config_from_hf_siglip(whole), text=hf_text.config_from_hf_siglip_text(whole),
       vision_projection_dim=0, loss="sigmoid", logit_scale_init=math.log(10.0), logit_bias_init=-10.0,
