@@ -12,7 +12,7 @@ PYTHON312_CANDIDATES = $(PYTHON312) "$$(pyenv prefix 3.12 2>/dev/null)/bin/pytho
   python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 \
                         /root/.pyenv/versions/3.12*/bin/python3.12)
 
-.PHONY: demo test test-slow test-py312 install install-py312 clean
+.PHONY: demo recipe test test-slow test-py312 install install-py312 clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ $(BIN)/.installed-demo: pyproject.toml constraints.txt
 # what it learned.
 demo: $(BIN)/.installed-demo
 	$(BIN)/mmjax demo --workdir $(WORKDIR)
+
+# The Flamingo recipe (configs/flamingo/staged.py): lm/tiny, then clip/tiny, then a Flamingo
+# over both, frozen, each stage resuming its work directory under RECIPE_ROOT (a finished
+# stage is a no-op); then `mmjax eval` of the Flamingo.
+RECIPE_ROOT ?= work
+recipe: $(BIN)/.installed-demo
+	$(BIN)/mmjax recipe flamingo-staged --workdir-root $(RECIPE_ROOT)
 
 # The default test tier (under 20 minutes on 2 CPU cores). The parity extra is installed
 # here, so a parity test that cannot import torch is an error, not a skip.

@@ -7,7 +7,8 @@ config into `WORKDIR_ROOT/<stage name>`, starting from the work directories of e
 stages (`init.from_workdir`, set here from the table so that `--workdir-root` moves them
 all). Each stage resumes its work directory as `mmjax train` does, so a finished stage is a
 no-op and an interrupted recipe goes on where it stopped. After the last stage, `mmjax
-eval` of its work directory.
+eval` of its work directory. An embedded dataset that is not built yet is built first (as
+`mmjax demo` does), so that the recipe runs from a fresh clone.
 
 A `--config.x.y=value` override goes to every stage whose config has the field `x.y` (an
 override no stage has is an error): `--config.data.dir=D` reaches all three runs,
@@ -80,6 +81,22 @@ def stage_commands(name: str, workdir_root: str, overrides: list[str]) -> list[l
   return commands
 
 
+def _build_missing_data(command: list[str]) -> None:
+  """Builds the embedded dataset the first stage reads when its directory holds none."""
+  from mmjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from mmjax.families import common  # pylint: disable=g-import-not-at-top
+  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(command[0][len("--config="):], [a for a in command if a.startswith("--config.")])
+  if str(config.data.name) != "embedded":
+    return
+  d = common.data_dir(config)
+  try:
+    data_lib.tokenizer_path(d)
+  except (OSError, ValueError, KeyError):
+    print(f"mmjax recipe: no dataset in {d}; building the embedded dataset there", flush=True)
+    data_lib.build_embedded(d, log=lambda m: print(f"mmjax recipe:   {m}", flush=True))
+
+
 def main(argv: list[str]) -> int:
   from mmjax.train import cli  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="mmjax recipe", description="train a recipe's runs in order (each resuming its "
@@ -89,6 +106,7 @@ def main(argv: list[str]) -> int:
   p.add_argument("--no-eval", action="store_true", help="skip `mmjax eval` of the last stage")
   args, overrides = p.parse_known_args(argv)
   commands = stage_commands(args.name, args.workdir_root, overrides)
+  _build_missing_data(commands[0])
   for i, command in enumerate(commands):
     print(f"mmjax recipe: stage {i + 1}/{len(commands)}: mmjax train {' '.join(command)}", flush=True)
     rc = cli.train_main(command)

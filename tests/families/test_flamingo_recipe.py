@@ -188,3 +188,12 @@ def test_an_override_no_stage_has_is_refused_naming_it():
     recipe.stage_commands("flamingo-staged", "work", ["--config.model.nope=1"])
   with pytest.raises(ValueError, match="unknown recipe 'nope'; expected one of flamingo-staged"):
     recipe.stage_commands("nope", "work", [])
+
+
+def test_the_recipe_builds_the_embedded_dataset_only_where_there_is_none(data_dir, tmp_path, monkeypatch):
+  from mmjax import data as data_lib
+  built = []
+  monkeypatch.setattr(data_lib, "build_embedded", lambda d, **kwargs: built.append(d))
+  for d in (data_dir, str(tmp_path / "fresh")):
+    recipe._build_missing_data(recipe.stage_commands("flamingo-staged", str(tmp_path), [f"--config.data.dir={d}"])[0])
+  assert built == [str(tmp_path / "fresh")]
