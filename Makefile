@@ -51,7 +51,7 @@ demo: $(BIN)/.installed-demo
 # stage is a no-op); then `mmjax eval` of the Flamingo.
 RECIPE_ROOT ?= work
 recipe: $(BIN)/.installed-demo
-	$(BIN)/mmjax recipe flamingo-staged --workdir-root $(RECIPE_ROOT)
+	$(BIN)/mmjax recipe flamingo/staged --workdir-root $(RECIPE_ROOT)
 
 # The default test tier (under 20 minutes on 2 CPU cores). The parity extra is installed
 # here, so a parity test that cannot import torch is an error, not a skip.

@@ -72,7 +72,7 @@ def _launch(argv):
 COMMANDS = {
     "train": (_train, "train a model from a config into a work directory (resumes if one is there)"),
     "eval": (_eval, "validation loss and question-answering accuracy of a work directory"),
-    "recipe": (_recipe, "train a multi-run recipe's runs in order (mmjax recipe flamingo-staged), then eval"),
+    "recipe": (_recipe, "train a multi-run recipe's runs in order (mmjax recipe CONFIG: the runs its init.from_configs names, then itself), then eval"),
     "generate": (_generate, "answer a prompt with images from a trained work directory"),
     "plot": (_plot, "draw loss curves and gate values of a work directory"),
     "demo": (_demo, "build the data, train the demo model, and show what it learned"),

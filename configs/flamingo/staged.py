@@ -3,8 +3,9 @@ vision tower and a pretrained LM, both frozen; only the resampler and the gated
 cross-attention train.
 
 Run (one command, the three stages in order, each resuming its work directory, so a
-finished stage is a no-op; then `mmjax eval` of the Flamingo):
-  mmjax recipe flamingo-staged            # or: make recipe
+finished stage is a no-op; then `mmjax eval` of the Flamingo; the stages are this config's
+`init.from_configs`, each training the work directory of `init.from_workdir` at its place):
+  mmjax recipe flamingo/staged            # or: make recipe
 which is
   mmjax train --config configs/lm/tiny.py --workdir work/lm-tiny
   mmjax train --config configs/clip/tiny.py --workdir work/clip-tiny
@@ -53,6 +54,8 @@ def get_config(arg=None):
   # `lm-tiny` preset is flamingo-tiny's), configs/clip/tiny.py the image tower (the
   # `clip-tiny` preset's is flamingo/tiny's).
   c.init.from_workdir = "work/lm-tiny,work/clip-tiny"
+  # ...and the configs that train them: `mmjax recipe flamingo/staged` runs both, then this.
+  c.init.from_configs = "lm/tiny,clip/tiny"
   c.train.num_steps = 900
   # The vision tower and the LM frozen from step 0.
   c.freeze.stages = "0:resampler,xattn"

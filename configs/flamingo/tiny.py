@@ -56,6 +56,9 @@ def get_config(arg=None):
   # `contrastive` run's image tower the vision tower (configs/flamingo/staged.py); empty:
   # everything from scratch.
   c.init.from_workdir = ""
+  # The configs that train those work directories, in the same order (`mmjax recipe` trains
+  # them first; configs/flamingo/staged.py); empty: none.
+  c.init.from_configs = ""
 
   # Mixed precision: parameters stay float32; compute_dtype is the models' `dtype`
   # (bfloat16 on TPU/GPU); softmax and loss are float32 always.

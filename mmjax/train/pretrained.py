@@ -55,10 +55,9 @@ def _adopt_one(config: ml_collections.ConfigDict, task: Task, params: Any, src: 
                      "parameters; expected an empty init.from_workdir")
   if not os.path.isdir(src):
     raise ValueError(f"config.init.from_workdir={src!r} is not a directory; expected a work directory "
-                     "written by `mmjax train` (train that run first; the shipped staged recipe starts from "
-                     "`mmjax train --config configs/lm/tiny.py --workdir work/lm-tiny` and "
-                     "`mmjax train --config configs/clip/tiny.py --workdir work/clip-tiny`, which "
-                     "`mmjax recipe flamingo-staged` runs in order)")
+                     "written by `mmjax train` (train that run first: the config's init.from_configs names "
+                     "the configs that train its runs, and `mmjax recipe CONFIG` runs them in order; e.g. "
+                     "`mmjax train --config configs/lm/tiny.py --workdir work/lm-tiny`)")
   other_config = config_lib.read_resolved(src)
   other_family = families.of_config(other_config)
   other_task = other_family.task(other_config, src)

@@ -1,18 +1,21 @@
-"""`mmjax recipe NAME`: a multi-run recipe, its runs trained in order, then the last evaluated.
+"""`mmjax recipe CONFIG`: a config's pretraining runs trained in order, then the config, then eval.
 
-  mmjax recipe flamingo-staged [--workdir-root work] [--config.x.y=value ...]
+  mmjax recipe flamingo/staged [--workdir-root work] [--no-eval] [--config.x.y=value ...]
 
-A recipe is a list of stages (the table `RECIPES`): each is one `mmjax train` of a shipped
-config into `WORKDIR_ROOT/<stage name>`, starting from the work directories of earlier
-stages (`init.from_workdir`, set here from the table so that `--workdir-root` moves them
-all). Each stage resumes its work directory as `mmjax train` does, so a finished stage is a
-no-op and an interrupted recipe goes on where it stopped. After the last stage, `mmjax
-eval` of its work directory. An embedded dataset that is not built yet is built first (as
-`mmjax demo` does), so that the recipe runs from a fresh clone.
+A config that starts from other runs names their work directories in `init.from_workdir`
+and, in `init.from_configs`, the configs that train them (comma-separated, in the same
+order). The recipe trains each of those configs into `WORKDIR_ROOT/<basename of its work
+directory>`, then CONFIG into `WORKDIR_ROOT/<its folder>-<its name>` (flamingo/staged:
+work/flamingo-staged) starting from them (`init.from_workdir` is set to where they went, so
+`--workdir-root` moves them all). Each stage resumes its work directory as `mmjax train`
+does, so a finished stage is a no-op and an interrupted recipe goes on where it stopped.
+After the last stage, `mmjax eval` of its work directory. An embedded dataset that is not
+built yet is built first (as `mmjax demo` does), so that the recipe runs from a fresh clone.
+The stages are the config's data, so a new recipe is a new config, never an edit here.
 
 A `--config.x.y=value` override goes to every stage whose config has the field `x.y` (an
-override no stage has is an error): `--config.data.dir=D` reaches all three runs,
-`--config.model.decoder.depth=2` the LM and the Flamingo, not the contrastive run.
+override no stage has is an error): `--config.data.dir=D` reaches every run,
+`--config.model.decoder.depth=2` the runs that have a decoder.
 """
 
 from __future__ import annotations
@@ -25,23 +28,40 @@ import sys
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  # The stage's work directory under --workdir-root, and how later stages name it.
+  # The stage's work directory under --workdir-root.
   name: str
-  # A shipped config (`mmjax.train.config.resolve_config_path`).
+  # The config it trains (a shipped name or a path: `mmjax.train.config.resolve_config_path`).
   config: str
   # Names of earlier stages whose work directories become `init.from_workdir`, in order.
   starts_from: tuple[str, ...] = ()
 
 
-RECIPES: dict[str, tuple[Stage, ...]] = {
-    # The Flamingo recipe: a pretrained LM and a contrastively pretrained image tower, both
-    # frozen under a Flamingo that trains only its resampler and cross-attention.
-    "flamingo-staged": (
-        Stage("lm-tiny", "configs/lm/tiny.py"),
-        Stage("clip-tiny", "configs/clip/tiny.py"),
-        Stage("flamingo-staged", "configs/flamingo/staged.py", starts_from=("lm-tiny", "clip-tiny")),
-    ),
-}
+def _split(value) -> list[str]:
+  return [v.strip() for v in str(value or "").split(",") if v.strip()]
+
+
+def stages(config_name: str, overrides: list[str] = ()) -> tuple[Stage, ...]:
+  """The stages of the recipe of `config_name` (with `overrides`): its `init.from_configs`
+  runs, then itself. ValueError when it names none, or not one config per
+  `init.from_workdir` entry."""
+  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(config_name, list(overrides))
+  init = config.get("init", None) or {}
+  workdirs, configs = _split(init.get("from_workdir", "")), _split(init.get("from_configs", ""))
+  if not configs:
+    raise ValueError(f"config {config_name!r} names no runs to start from (init.from_configs is empty); expected a "
+                     "config that starts from pretrained runs (train any other with `mmjax train`)")
+  if len(configs) != len(workdirs):
+    raise ValueError(f"config {config_name!r} names {len(workdirs)} work directories in init.from_workdir "
+                     f"({workdirs}) but {len(configs)} configs in init.from_configs ({configs}); expected one "
+                     "config per work directory, in the same order")
+  names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  path = os.path.normpath(config_lib.resolve_config_path(config_name).split(":")[0])
+  own = f"{os.path.basename(os.path.dirname(path))}-{os.path.splitext(os.path.basename(path))[0]}"
+  if len(set(names + [own])) != len(names) + 1:
+    raise ValueError(f"the runs of config {config_name!r} would share work directories ({names + [own]}); "
+                     "expected distinct names")
+  return tuple(Stage(n, c) for n, c in zip(names, configs)) + (Stage(own, config_name, tuple(names)),)
 
 
 def _has_field(config, dotted: str) -> bool:
@@ -53,14 +73,12 @@ def _has_field(config, dotted: str) -> bool:
   return True
 
 
-def stage_commands(name: str, workdir_root: str, overrides: list[str]) -> list[list[str]]:
-  """The `mmjax train` argument lists of recipe `name`'s stages, in order. ValueError for an
-  unknown recipe or an override that no stage's config has."""
+def stage_commands(config_name: str, workdir_root: str, overrides: list[str]) -> list[list[str]]:
+  """The `mmjax train` argument lists of the recipe of `config_name`, in order. ValueError
+  for a config with no recipe, or an override that no stage's config has."""
   from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-  if name not in RECIPES:
-    raise ValueError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
-  stages = RECIPES[name]
-  configs = [config_lib.load_config(s.config) for s in stages]
+  recipe = stages(config_name)
+  configs = [config_lib.load_config(s.config) for s in recipe]
   fields = {}
   for o in overrides:
     if not o.startswith("--config.") or "=" not in o:
@@ -68,11 +86,11 @@ def stage_commands(name: str, workdir_root: str, overrides: list[str]) -> list[l
     fields[o] = o[len("--config."):].split("=", 1)[0]
   unknown = [o for o, f in fields.items() if not any(_has_field(c, f) for c in configs)]
   if unknown:
-    raise ValueError(f"overrides {unknown} name fields that no stage of recipe {name!r} has "
-                     f"({', '.join(s.config for s in stages)})")
+    raise ValueError(f"overrides {unknown} name fields that no stage of the recipe of {config_name!r} has "
+                     f"({', '.join(s.config for s in recipe)})")
   workdir = lambda s: os.path.join(workdir_root, s)
   commands = []
-  for stage, config in zip(stages, configs):
+  for stage, config in zip(recipe, configs):
     argv = [f"--config={stage.config}", f"--workdir={workdir(stage.name)}"]
     argv += [o for o, f in fields.items() if _has_field(config, f)]
     if stage.starts_from:
@@ -99,13 +117,18 @@ def _build_missing_data(command: list[str]) -> None:
 
 def main(argv: list[str]) -> int:
   from mmjax.train import cli  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(prog="mmjax recipe", description="train a recipe's runs in order (each resuming its "
-                              "work directory), then evaluate the last; recipes: " + ", ".join(RECIPES))
-  p.add_argument("name", choices=sorted(RECIPES))
+  p = argparse.ArgumentParser(prog="mmjax recipe", description="train the runs a config starts from (its "
+                              "init.from_configs), then the config, each resuming its work directory; then "
+                              "evaluate the last")
+  p.add_argument("config", help="a config whose init.from_configs names the runs it starts from")
   p.add_argument("--workdir-root", default="work", help="each stage trains into WORKDIR_ROOT/<stage>")
   p.add_argument("--no-eval", action="store_true", help="skip `mmjax eval` of the last stage")
   args, overrides = p.parse_known_args(argv)
-  commands = stage_commands(args.name, args.workdir_root, overrides)
+  try:
+    commands = stage_commands(args.config, args.workdir_root, overrides)
+  except ValueError as e:
+    print(f"mmjax recipe: {e}", file=sys.stderr)
+    return 2
   _build_missing_data(commands[0])
   for i, command in enumerate(commands):
     print(f"mmjax recipe: stage {i + 1}/{len(commands)}: mmjax train {' '.join(command)}", flush=True)
@@ -115,6 +138,6 @@ def main(argv: list[str]) -> int:
       return rc
   if args.no_eval:
     return 0
-  last = os.path.join(args.workdir_root, RECIPES[args.name][-1].name)
+  last = commands[-1][1][len("--workdir="):]
   print(f"mmjax recipe: mmjax eval --workdir {last}", flush=True)
   return cli.eval_main([f"--workdir={last}"])

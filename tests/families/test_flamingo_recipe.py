@@ -1,4 +1,4 @@
-"""The Flamingo recipe (`mmjax recipe flamingo-staged`): an `lm` run and a `contrastive` run
+"""The Flamingo recipe (`mmjax recipe flamingo/staged`): an `lm` run and a `contrastive` run
 adopted, then frozen, under a Flamingo that trains only its resampler and cross-attention."""
 
 import json
@@ -44,7 +44,7 @@ def recipe_run(data_dir, tmp_path_factory):
 
   capture.setattr("builtins.print", tee)
   try:
-    rc = recipe.main(["flamingo-staged", f"--workdir-root={root}", f"--config.data.dir={data_dir}", *SMALL])
+    rc = recipe.main(["flamingo/staged", f"--workdir-root={root}", f"--config.data.dir={data_dir}", *SMALL])
   finally:
     capture.undo()
   assert rc == 0
@@ -78,7 +78,7 @@ def test_the_recipe_trains_lm_then_clip_then_flamingo_over_both_and_evaluates_it
 @pytest.mark.slow  # the recipe's three runs: minutes on 2 CPU cores
 def test_a_finished_recipe_rerun_trains_nothing(recipe_run, data_dir, capsys):
   root, _ = recipe_run
-  assert recipe.main(["flamingo-staged", f"--workdir-root={root}", "--no-eval", f"--config.data.dir={data_dir}",
+  assert recipe.main(["flamingo/staged", f"--workdir-root={root}", "--no-eval", f"--config.data.dir={data_dir}",
                       *SMALL]) == 0
   out = capsys.readouterr().out
   assert out.count("done at step 3 (started at 3)") == 3
@@ -185,9 +185,11 @@ def test_a_contrastive_tower_of_another_shape_is_refused_naming_what_differs(dat
 
 def test_an_override_no_stage_has_is_refused_naming_it():
   with pytest.raises(ValueError, match=r"overrides \['--config.model.nope=1'\] name fields that no stage"):
-    recipe.stage_commands("flamingo-staged", "work", ["--config.model.nope=1"])
-  with pytest.raises(ValueError, match="unknown recipe 'nope'; expected one of flamingo-staged"):
-    recipe.stage_commands("nope", "work", [])
+    recipe.stage_commands("flamingo/staged", "work", ["--config.model.nope=1"])
+  with pytest.raises(ValueError, match=r"config 'flamingo/tiny' names no runs to start from \(init.from_configs is empty\)"):
+    recipe.stage_commands("flamingo/tiny", "work", [])
+  with pytest.raises(ValueError, match=r"names 2 work directories in init.from_workdir .* but 1 configs in init.from_configs"):
+    recipe.stages("flamingo/staged", ["--config.init.from_configs=lm/tiny"])
 
 
 def test_the_recipe_builds_the_embedded_dataset_only_where_there_is_none(data_dir, tmp_path, monkeypatch):
@@ -195,5 +197,5 @@ def test_the_recipe_builds_the_embedded_dataset_only_where_there_is_none(data_di
   built = []
   monkeypatch.setattr(data_lib, "build_embedded", lambda d, **kwargs: built.append(d))
   for d in (data_dir, str(tmp_path / "fresh")):
-    recipe._build_missing_data(recipe.stage_commands("flamingo-staged", str(tmp_path), [f"--config.data.dir={d}"])[0])
+    recipe._build_missing_data(recipe.stage_commands("flamingo/staged", str(tmp_path), [f"--config.data.dir={d}"])[0])
   assert built == [str(tmp_path / "fresh")]
