@@ -12,9 +12,11 @@ temperature starts at 1/0.07). Each example is one scene and its caption (`data.
 the embedded `captions`; a user's imported captions by name). `configs/flamingo/staged.py`
 freezes this run's image tower under a Flamingo.
 
-Measured: see docs/contrastive.md ("The tiny configs") for the run of record: retrieval
-recall@1/5/10 both ways on the 400 validation pairs against chance (0.25% at 1), and the
-zero-shot accuracies against chance.
+Measured (seed 0, 1000 steps, 2026-12-01, 2 idle CPU cores): 264 s; on the 400 validation
+pairs image-to-text recall@1 54.0% (chance 0.25%, so 216x), @5 84.5%, @10 96.0%,
+text-to-image @1 57.3%; zero-shot "how many shapes" 48.3% (chance 25%), "colour of the
+leftmost shape" 72.5% (chance 20%). With `--config.data.blank_images=True` (the control):
+recall at chance, loss ln 64. docs/contrastive.md ("The tiny configs") has the table.
 
 Any field can be overridden: `--config.optimizer.lr=1e-3 --config.train.num_steps=100`.
 """

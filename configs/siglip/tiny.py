@@ -10,14 +10,17 @@ pooled at the last position, padding attended as SigLIP trains), trained with th
 pairwise sigmoid loss (temperature 10 and bias -10 at the start), chunked over the devices
 of the mesh when there are several. Everything else is clip/tiny's.
 
-Measured: docs/contrastive.md ("The tiny configs").
+Measured (seed 0, 1000 steps, 2026-12-01, 2 idle CPU cores): 237 s; on the 400 validation
+pairs image-to-text recall@1 38.0% (chance 0.25%, so 152x), @5 74.0%, @10 86.8%;
+zero-shot "how many shapes" 27.3% (chance 25%), "colour of the leftmost shape" 68.5%
+(chance 20%). docs/contrastive.md ("The tiny configs") has the table.
 """
 
+import dataclasses
 import importlib.util
 import os
 
 from mmjax import zoo
-import dataclasses
 
 
 def _clip_tiny():
