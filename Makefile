@@ -56,12 +56,12 @@ recipe: $(BIN)/.installed-demo
 # The default test tier (under 20 minutes on 2 CPU cores). The parity extra is installed
 # here, so a parity test that cannot import torch is an error, not a skip.
 test: install
-	MMJAX_REQUIRE_PARITY=1 $(BIN)/python -m pytest -q
+	MMJAX_REQUIRE_PARITY=1 $(BIN)/python -m pytest -q --durations=25
 
 # The default tier on the newest tested set (Python 3.12, constraints-py312.txt); the parity
 # tests skip.
 test-py312: install-py312
-	$(BIN312)/python -m pytest -q
+	$(BIN312)/python -m pytest -q --durations=25
 
 # The slow tier: larger kernel grids, end-to-end runs.
 test-slow: install

@@ -33,7 +33,7 @@ def data_dir(tmp_path_factory):
   return path
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("name", ["clip", pytest.param("siglip", marks=pytest.mark.slow)])
 def test_train_then_eval_from_the_shipped_config_reports_retrieval_and_zero_shot_against_chance(
     name, data_dir, tmp_path, capsys):
   wd = str(tmp_path / name)
@@ -57,6 +57,7 @@ def test_train_then_eval_from_the_shipped_config_reports_retrieval_and_zero_shot
   assert cfg.model.loss == ("sigmoid" if name == "siglip" else "softmax")
 
 
+@pytest.mark.slow  # a TPU ahead-of-time compile: 37 s on 2 idle cores
 def test_the_tiny_config_compiles_for_a_tpu_slice_with_the_ring_loss(tmp_path):
   from mmjax.scale import compile_cli
   out = str(tmp_path / "fit.jsonl")
@@ -87,8 +88,10 @@ def _batch(seed: int, b: int = 16) -> dict:
           "text_truncated": np.zeros((b,), np.float32)}
 
 
-@pytest.mark.parametrize("loss, mesh_config", [("softmax", {"data": 2, "fsdp": 4}), ("sigmoid", {"data": 2, "fsdp": 4}),
-                                               ("sigmoid", {"fsdp": 8})])
+@pytest.mark.parametrize("loss, mesh_config", [
+    ("sigmoid", {"data": 2, "fsdp": 4}),  # the ring loss over both batch axes
+    pytest.param("softmax", {"data": 2, "fsdp": 4}, marks=pytest.mark.slow),
+    pytest.param("sigmoid", {"fsdp": 8}, marks=pytest.mark.slow)])
 def test_the_sharded_train_step_on_8_devices_equals_the_single_device_step(loss, mesh_config):
   from mmjax.train import optimizer, state as state_lib, step as step_lib
   from mmjax.train.sharded_step import shard_train_step
@@ -138,12 +141,12 @@ def test_initial_temperature_and_bias_are_the_papers():
   siglip = contrastive.ContrastiveModel(_small_config("sigmoid"))
   b = jax.tree.map(jnp.asarray, _batch(0, 2))
   import flax
-  pc = flax.core.meta.unbox(clip.init(jax.random.key(0), b["images"], b["input_ids"])["params"])
-  ps = flax.core.meta.unbox(siglip.init(jax.random.key(0), b["images"], b["input_ids"])["params"])
+  pc = flax.core.meta.unbox(jax.jit(clip.init)(jax.random.key(0), b["images"], b["input_ids"])["params"])
+  ps = flax.core.meta.unbox(jax.jit(siglip.init)(jax.random.key(0), b["images"], b["input_ids"])["params"])
   assert float(np.exp(pc["logit_scale"])) == pytest.approx(1 / 0.07, rel=1e-6) and "logit_bias" not in pc
   assert float(np.exp(ps["logit_scale"])) == pytest.approx(10.0, rel=1e-6)
   assert float(ps["logit_bias"]) == -10.0
-  out = clip.apply({"params": pc}, b["images"], b["input_ids"])
+  out = jax.jit(clip.apply)({"params": pc}, b["images"], b["input_ids"])
   norms = np.linalg.norm(np.asarray(out["image_embeds"]), axis=-1)
   np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
 
