@@ -253,3 +253,35 @@ def test_a_global_batch_the_devices_cannot_split_is_refused_before_training_nami
   x = jnp.ones((12, 4), jnp.float32) / 2
   with pytest.raises(ValueError, match=r"global batch 12 is not divisible by the 8 devices"):
     losses.sigmoid_contrastive_loss(x, x, 0.0, 0.0, mesh=sh.make_mesh({"fsdp": 8}))
+
+
+def test_a_users_imported_captions_are_pairs_and_their_interleaved_records_are_counted_not_paired(tmp_path, data_dir):
+  """`mmjax data import` of one-image captions (and one two-image record) into the embedded
+  data directory's copy: the family's pipeline reads them by name, counts the other."""
+  import shutil
+  from mmjax.families import common
+  d = str(tmp_path / "data")
+  shutil.copytree(data_dir, d)
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(6):
+    (images / f"{i}.png").write_bytes(scenes.encode_png(rng.integers(0, 256, (20, 20, 3)).astype(np.uint8)))
+  lines = [json.dumps({"id": f"p{i}", "images": [f"{i}.png"], "text": f"<image>a red circle number {i}."})
+           for i in range(5)]
+  lines.append(json.dumps({"id": "two", "images": ["4.png", "5.png"], "text": "<image>one <image>two"}))
+  jsonl = tmp_path / "mine.jsonl"
+  jsonl.write_text("\n".join(lines) + "\n")
+  builders.import_jsonl(d, "mine_train", {"train": str(jsonl)}, str(images))
+  config = config_lib.load_config("clip/tiny", [f"--config.data.dir={d}", "--config.data.mixture=mine_train:1",
+                                                "--config.data.batch_size=4", "--config.data.image_size=16",
+                                                "--config.model.vision.image_size=16", "--config.mesh.num_devices=1"])
+  task = families.of_config(config).task(config, None)
+  pipe = task.train_data()
+  batch = next(pipe)
+  tok = task.tokenizer
+  assert batch["images"].shape == (4, 16, 16, 3) and batch["input_ids"].shape == (4, 24)
+  texts = {tok.decode([int(t) for t in row if t not in (tok.pad_id, tok.eos_id)]) for row in batch["input_ids"]}
+  assert all(t.startswith("a red circle number") for t in texts), texts
+  assert pipe.bad_data_counts["not_a_pair"] >= 1  # the two-image record, counted by name
+  assert common.data_dir(config) == d
