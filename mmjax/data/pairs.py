@@ -27,6 +27,9 @@ from mmjax.data.preprocess import BadImageError, BadRecordError, RecordBuilder, 
 from mmjax.data.scenes import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 from mmjax.data.tokenizer import Tokenizer
 
+# The pair datasets read when a config names none: the embedded captions.
+DEFAULT_MIXTURE = "captions:1"
+
 
 def caption_text(text: str | bytes) -> str:
   """The words of a record's text: `<image>` and `<|endofchunk|>` removed, spaces trimmed."""

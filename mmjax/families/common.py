@@ -97,25 +97,29 @@ def parse_mixture(spec: str) -> dict[str, float] | str | None:
   return out
 
 
-def pipelines(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer, bucket: data_lib.Bucket):
+def pipelines(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer, bucket: data_lib.Bucket, *,
+              builder=None, default_mixture: str = ""):
   """(train_data, val_data) for a Task: the data directory's pipelines in `bucket`, as
   `config.data` says (mixture, workers, bad-record limit); `data.batch_size` is the global
-  batch, of which each process reads its rows (or all of them)."""
+  batch, of which each process reads its rows (or all of them). `builder` (record ->
+  example, `make_pipeline`'s) replaces the bucket's example builder; `default_mixture` is
+  the mixture when `data.mixture` is empty (else the pipeline's default)."""
   d = data_dir(config)
   bsz = base.process_batch_size(config)
   by_process = bool(config.data.get("shard_by_process", True))
-  mixture = parse_mixture(str(config.data.mixture))
+  mixture = parse_mixture(str(config.data.get("mixture", "")) or default_mixture)
   max_bad = int(config.data.get("max_consecutive_bad_records",
                                 data_lib.pipeline.DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS))
 
   def train_data():
     return data_lib.make_pipeline(d, "train", batch_size=bsz, bucket=bucket, seed=int(config.seed), mixture=mixture,
                                   num_workers=int(config.data.num_workers), tokenizer=tokenizer,
-                                  shard_by_jax_process=by_process, max_consecutive_bad_records=max_bad)
+                                  shard_by_jax_process=by_process, max_consecutive_bad_records=max_bad,
+                                  builder=builder)
 
   def val_data():
     return data_lib.make_pipeline(d, "validation", batch_size=bsz, bucket=bucket, seed=0, mixture=mixture,
                                   num_epochs=1, shuffle=False, tokenizer=tokenizer, shard_by_jax_process=by_process,
-                                  max_consecutive_bad_records=max_bad)
+                                  max_consecutive_bad_records=max_bad, builder=builder)
 
   return train_data, val_data

@@ -103,7 +103,7 @@ def retrieval(image_embeds: np.ndarray, text_embeds: np.ndarray, same_content: n
 def _pair_records(data_dir: str, config, tokenizer, image_size: int, limit: int):
   """(images uint8 [N, S, S, 3], ids [N, T], mask [N, T], scene contents or None) of the
   validation pairs of the mixture's datasets, in stored order; skipped records counted."""
-  mixture = common.parse_mixture(str(config.data.get("mixture", "") or "captions:1"))
+  mixture = common.parse_mixture(str(config.data.get("mixture", "")) or pairs.DEFAULT_MIXTURE)
   names = list(mixture) if isinstance(mixture, dict) else ["captions"]
   builder = pairs.PairBuilder(tokenizer, int(config.data.text_length), image_size, truncate=True)
   images, ids, masks, contents, skipped = [], [], [], [], 0

@@ -41,7 +41,6 @@ from mmjax.models.text_tower import TextTowerConfig
 from mmjax.models.vit import ViTConfig, stem_flops
 
 NOT_MODEL_FIELDS = ("family",)
-DEFAULT_MIXTURE = "captions:1"
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None,
@@ -149,27 +148,6 @@ def train_flops(cfg: contrastive.ContrastiveConfig, length: int, trainable: froz
   return sum((3.0 if c in trainable else 1.0) * f for c, f in fwd.items())
 
 
-def _train_data(config, tokenizer, cfg, builder_kwargs):
-  d = common.data_dir(config)
-  bsz = base.process_batch_size(config)
-  mixture = common.parse_mixture(str(config.data.get("mixture", "") or DEFAULT_MIXTURE))
-  max_bad = int(config.data.get("max_consecutive_bad_records",
-                                data_lib.pipeline.DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS))
-  by_process = bool(config.data.get("shard_by_process", True))
-  bucket = data_lib.Bucket(max_images=1, text_length=int(config.data.text_length),
-                           image_size=cfg.vision.image_size)
-
-  def make(split: str, train: bool):
-    builder = pairs.PairBuilder(tokenizer, int(config.data.text_length), cfg.vision.image_size, **builder_kwargs)
-    return data_lib.make_pipeline(d, split, batch_size=bsz, bucket=bucket, seed=int(config.seed) if train else 0,
-                                  mixture=mixture, num_workers=int(config.data.num_workers) if train else 0,
-                                  shard_by_jax_process=by_process, num_epochs=None if train else 1,
-                                  shuffle=train, tokenizer=tokenizer, builder=builder,
-                                  max_consecutive_bad_records=max_bad)
-
-  return (lambda: make("train", True)), (lambda: make("validation", False))
-
-
 def contrastive_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> base.Task:
   """The loop's Task for `config`; with `workdir`, on the tokenizer that work directory trains with."""
   tokenizer_bytes = common.read_tokenizer(config, workdir)
@@ -178,8 +156,11 @@ def contrastive_task(config: ml_collections.ConfigDict, workdir: str | None = No
   check_config(config, cfg)
   length = int(config.data.text_length)
   model = Model(cfg, length)
-  truncate = bool(config.data.get("truncate_text", False))
-  train_data, val_data = _train_data(config, tokenizer, cfg, {"truncate": truncate})
+  builder = pairs.PairBuilder(tokenizer, length, cfg.vision.image_size,
+                              truncate=bool(config.data.get("truncate_text", False)))
+  bucket = data_lib.Bucket(max_images=1, text_length=length, image_size=cfg.vision.image_size)
+  train_data, val_data = common.pipelines(config, tokenizer, bucket, builder=builder,
+                                          default_mixture=pairs.DEFAULT_MIXTURE)
   d = common.data_dir(config)
 
   def evaluate(params) -> dict:
