@@ -157,14 +157,15 @@ def decode_image(data: bytes, image_size: int | None, name: str = "image") -> np
   return _decode(io.BytesIO(data), image_size, name)
 
 
-def load_image_file(path: str, image_size: int) -> np.ndarray:
-  """The image file at `path` -> uint8 [S, S, 3] (S = image_size), for images given by hand.
+def load_image_file(path: str, image_size: int | None) -> np.ndarray:
+  """The image file at `path` -> uint8 [S, S, 3] (S = image_size; None: its own size), for
+  images given by hand.
 
   Raises ValueError naming the file when it cannot be read, and `BadImageError` (a
   ValueError) when it claims more than `MAX_IMAGE_PIXELS` pixels or is not a whole image.
   """
-  if image_size < 1:
-    raise ValueError(f"image_size={image_size}; expected >= 1")
+  if image_size is not None and image_size < 1:
+    raise ValueError(f"image_size={image_size}; expected >= 1 (or None: the image's own size)")
   try:
     file = open(path, "rb")  # pylint: disable=consider-using-with
   except OSError as e:

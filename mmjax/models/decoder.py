@@ -236,7 +236,8 @@ class DecoderLayer(nn.Module):
   weights_after_input: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None):
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
+               segment_ids: jax.Array | None = None):
     c = self.config
     tie = (lambda cls: _read_after(x, cls)) if self.weights_after_input else (lambda cls: cls)
     attn_in = _norm(c, tie, "attn_norm")(x)
@@ -248,7 +249,7 @@ class DecoderLayer(nn.Module):
         sliding_window=c.sliding_window or None, clip_qkv=c.clip_qkv or None, qk_norm=None if c.qk_norm == "none" else c.qk_norm,
         qk_norm_eps=c.norm_eps, qk_norm_bias=c.norm_bias, dtype=c.dtype, backend=c.attention_backend,
         name="attn",
-    )(attn_in, causal=True, positions=positions, cache=cache)
+    )(attn_in, causal=True, positions=positions, segment_ids=segment_ids, cache=cache)
     # Parallel: the MLP reads the layer's input (normed on its own, or as the attention's).
     if c.parallel_residual and c.parallel_norms == 1:
       mlp_in = attn_in
@@ -301,17 +302,17 @@ class DecoderBlock(nn.Module):
     return self.insert is not None and self.insert.every > 0
 
   def __call__(self, x: jax.Array, shared: tuple, scanned: dict):
-    """x [B, T, D]; shared = (positions, side); scanned = {"cache": this block's cache or
-    None, "state": this block's insert state or None}. Returns (x, {"cache": the updated
-    cache or None})."""
-    positions, side = shared
+    """x [B, T, D]; shared = (positions, side, segment_ids or None); scanned = {"cache":
+    this block's cache or None, "state": this block's insert state or None}. Returns (x,
+    {"cache": the updated cache or None})."""
+    positions, side, segment_ids = shared
     cache, state = scanned["cache"], scanned["state"]
     in_dtype = x.dtype
     new_cache = {} if cache is not None else None
     for j, layer in enumerate(self.layers):
       if self._with_insert() and j == self.size - 1:
         x = getattr(self, self.insert.name)(x, side, state)
-      x, layer_cache = layer(x, positions, None if cache is None else cache[f"layers_{j}"])
+      x, layer_cache = layer(x, positions, None if cache is None else cache[f"layers_{j}"], segment_ids)
       if cache is not None:
         new_cache[f"layers_{j}"] = layer_cache
     # The scan carry keeps one dtype (an insert may compute in its own dtype).
@@ -398,6 +399,7 @@ class Decoder(nn.Module):
       cache: dict | None = None,
       side: Any = None,
       insert_state: Mapping[str, Any] | None = None,
+      segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, dict | None]:
     """The layers and the final norm over embeddings: (hidden [B, T, D], the updated cache).
 
@@ -410,6 +412,9 @@ class Decoder(nn.Module):
       side: what every insert receives (e.g. Flamingo's image index and media latents).
       insert_state: ``prepare_inserts``' output (the unrolled {"{name}_{i}"} form is
         stacked for a scanned decoder), or None: each insert computes from ``side``.
+      segment_ids: Int[B, T] or None: several sequences packed in one row (LLaVA's packed
+        conversations), a token attending only to earlier tokens of its own segment (its
+        ``positions`` restart at 0 with each segment); 0 marks padding. Not with a cache.
     """
     c = self.config
     if x.ndim != 3 or x.shape[-1] != c.width:
@@ -420,6 +425,8 @@ class Decoder(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if positions.shape != (b, t):
       raise ValueError(f"positions have shape {positions.shape}; expected {(b, t)}")
+    if segment_ids is not None and segment_ids.shape != (b, t):
+      raise ValueError(f"segment_ids have shape {segment_ids.shape}; expected {(b, t)}")
     if cache is not None and set(cache) != _cache_layout(c, self.insert):
       raise ValueError(f"cache has entries {sorted(cache)}; expected {sorted(_cache_layout(c, self.insert))}"
                        f" (init_decoder_cache of this config, scan_layers={c.scan_layers})")
@@ -435,7 +442,7 @@ class Decoder(nn.Module):
       if scan_plan(c.depth, self.insert).num_blocks:
         scanned = {"cache": None if cache is None else cache["blocks"],
                    "state": None if not insert_state else insert_state["blocks"]}
-        x, out = self.blocks(x, (positions, side), scanned)
+        x, out = self.blocks(x, (positions, side, segment_ids), scanned)
         if cache is not None:
           new_cache["blocks"] = out["cache"]
       layers = sorted(self.layers.items())
@@ -446,7 +453,7 @@ class Decoder(nn.Module):
         state = None if not insert_state else insert_state[f"{self.insert.name}_{i}"]
         x = self._insert_at(i)(x, side, state)
       layer_cache = None if cache is None else cache[f"layers_{i}"]
-      x, layer_cache = layer(x, positions, layer_cache)
+      x, layer_cache = layer(x, positions, layer_cache, segment_ids)
       if cache is not None:
         new_cache[f"layers_{i}"] = layer_cache
     return self.norm(x), new_cache
@@ -460,6 +467,7 @@ class Decoder(nn.Module):
       cache: dict | None = None,
       side: Any = None,
       insert_state: Mapping[str, Any] | None = None,
+      segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, dict | None]:
     """Logits float32 [B, T, V] and the updated cache (None without one), from exactly one
     of ``input_ids`` Int[B, T] and ``embeddings`` Float[B, T, D]; the other arguments as in
@@ -473,5 +481,5 @@ class Decoder(nn.Module):
         raise ValueError(f"input_ids have shape {input_ids.shape}; expected [batch, length]")
       embeddings = self.embed(input_ids)
     hidden, cache = self.forward(embeddings, positions=positions, cache=cache, side=side,
-                                 insert_state=insert_state)
+                                 insert_state=insert_state, segment_ids=segment_ids)
     return self.logits(hidden), cache

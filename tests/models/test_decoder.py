@@ -108,3 +108,25 @@ def test_the_decoder_over_embeddings_equals_it_over_ids():
     model.apply(params, ids, embeddings=x)
   with pytest.raises(ValueError, match=r"expected \[batch, length, 32\]"):
     model.apply(params, embeddings=x[..., :16])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_packed_sequences_with_segment_ids_give_each_sequence_its_own_logits(scan):
+  """Two sequences in one row (segment ids 1, 2; positions restarting; padding 0) give the
+  logits each gives alone: no token sees another segment, unrolled or scanned."""
+  config = DecoderConfig(vocab_size=40, width=32, depth=4, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
+                         max_length=32, scan_layers=scan)
+  model = Decoder(config)
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(1, 40, (1, 5)), rng.integers(1, 40, (1, 7))
+  params = model.init(jax.random.key(0), jnp.asarray(a))
+  alone = [np.asarray(model.apply(params, jnp.asarray(x))[0]) for x in (a, b)]
+  packed = np.concatenate([a, b, np.zeros((1, 3), a.dtype)], axis=1)
+  segments = np.asarray([[1] * 5 + [2] * 7 + [0] * 3])
+  positions = np.asarray([list(range(5)) + list(range(7)) + [0] * 3])
+  logits, _ = model.apply(params, jnp.asarray(packed), positions=jnp.asarray(positions),
+                          segment_ids=jnp.asarray(segments))
+  np.testing.assert_allclose(np.asarray(logits)[:, :5], alone[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(logits)[:, 5:12], alone[1], atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="segment_ids have shape"):
+    model.apply(params, jnp.asarray(packed), segment_ids=jnp.ones((1, 4), jnp.int32))
