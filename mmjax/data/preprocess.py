@@ -64,6 +64,8 @@ BAD_REASONS = (
     "text_too_long",         # longer than T with no chunk boundary to cut at
     "image_token_mismatch",  # number of <image> tokens != number of images
     "not_a_pair",            # an image-text pair (`pairs.PairBuilder`) without exactly one image
+    "no_answer",             # a conversation (`conversation.ConversationBuilder`) with no assistant turn
+    "image_too_small",       # an image the model's image layout (`conversation.SquareSlots`, AnyRes) refuses
 )
 # A text-only bucket touches no image and cuts text anywhere: only "empty_text" applies to it.
 

@@ -113,7 +113,8 @@ def test_pipeline_skips_and_counts_every_bad_record_of_an_epoch(messy_dir):
   kept = sorted(str(b["record_id"][0]) for b in p)
   assert kept == ["messy/train/1", "messy/train/2"]
   assert p.bad_data_counts == {"corrupt_image": 2, "image_too_large": 0, "too_many_images": 1,
-                               "empty_text": 1, "text_too_long": 1, "image_token_mismatch": 1, "not_a_pair": 0}
+                               "empty_text": 1, "text_too_long": 1, "image_token_mismatch": 1, "not_a_pair": 0,
+                               "no_answer": 0, "image_too_small": 0}
   assert p.get_state()["bad_data_counts"] == p.bad_data_counts
 
 
