@@ -15,12 +15,14 @@ import ml_collections
 from mmjax.families.base import AbstractModel, Family, Task
 from mmjax.families.contrastive.family import FAMILY as _CONTRASTIVE
 from mmjax.families.flamingo.family import FAMILY as _FLAMINGO
+from mmjax.families.llava.family import FAMILY as _LLAVA
 from mmjax.families.lm.family import FAMILY as _LM
 
 REGISTRY: dict[str, Family] = {
     _FLAMINGO.name: _FLAMINGO,
     _LM.name: _LM,
     _CONTRASTIVE.name: _CONTRASTIVE,
+    _LLAVA.name: _LLAVA,
 }
 
 # What `config.model.family` is when a config does not say (every config before families).

@@ -79,6 +79,12 @@ class Task:
   # eval` adds to the validation loss (the contrastive family: retrieval recall and
   # zero-shot accuracy next to chance); None: nothing beyond the generic ones.
   evaluate: Callable[[Any], dict[str, Any]] | None = None
+  # (prompt text with `<image>` placeholders, images uint8 [H, W, 3] each at its own size) ->
+  # (the generation inputs with a batch axis, prompt ids Int[T], the id that ends an answer):
+  # a family that renders its own prompts (LLaVA: its chat template, each `<image>` expanded
+  # to its image's tokens); None: `mmjax generate` encodes the prompt as training text starts
+  # (BOS first), the images resized to `data.image_size`, and stops at `<|endofchunk|>`.
+  render_prompt: Callable[[str, list], tuple[dict, Any, int]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,6 +135,20 @@ def generate_main(argv: list[str]) -> int:
                      f"{[f.name for f in families.REGISTRY.values() if f.decoding is not None]}")
   n_tokens = args.prompt.count("<image>")
   images = None
+  if task.render_prompt is not None:
+    if n_tokens != len(args.image):
+      raise ValueError(f"the prompt has {n_tokens} <image> tokens but {len(args.image)} --image files were "
+                       "given; expected one image per <image>")
+    # Images first, at their own sizes (the family tiles or pads them): a bad file is
+    # reported before the model is loaded.
+    inputs, ids, stop_id = task.render_prompt(args.prompt, [preprocess.load_image_file(f, None) for f in args.image])
+    _, params = loop.restore_params(config, args.workdir, task)
+    from mmjax.infer import generate
+    out = generate(task.decoding, {"params": params}, inputs, np.asarray(ids, np.int32)[None], args.max_new_tokens,
+                   sampling=args.sampling, rng=jax.random.key(args.seed), eos_token_id=stop_id,
+                   pad_id=task.tokenizer.pad_id)
+    print(task.tokenizer.decode([int(t) for t in np.asarray(out.tokens)[0][:int(out.lengths[0])]]).strip())
+    return 0
   if task.takes_images:
     if n_tokens != len(args.image) or not args.image:
       raise ValueError(f"the prompt has {n_tokens} <image> tokens but {len(args.image)} --image files were "

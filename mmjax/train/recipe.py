@@ -61,7 +61,40 @@ def stages(config_name: str, overrides: list[str] = ()) -> tuple[Stage, ...]:
   if len(set(names + [own])) != len(names) + 1:
     raise ValueError(f"the runs of config {config_name!r} would share work directories ({names + [own]}); "
                      "expected distinct names")
-  return tuple(Stage(n, c) for n, c in zip(names, configs)) + (Stage(own, config_name, tuple(names)),)
+  out: list[Stage] = []
+  for name, other in zip(names, configs):
+    out += _pretraining(name, other, seen=(config_name,))
+  out.append(Stage(own, config_name, tuple(names)))
+  return _dedup(out, config_name)
+
+
+def _pretraining(name: str, config_name: str, seen: tuple[str, ...]) -> list[Stage]:
+  """The stages that train `config_name` into work directory `name`: its own pretraining
+  runs first when it names some (LLaVA's stage 2 starts from stage 1, which starts from an
+  `lm` and a `contrastive` run), then itself."""
+  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  if config_name in seen:
+    raise ValueError(f"the recipe's configs start from each other in a cycle: {' -> '.join(seen + (config_name,))}")
+  init = config_lib.load_config(config_name).get("init", None) or {}
+  if not _split(init.get("from_configs", "")):
+    return [Stage(name, config_name)]
+  inner = list(stages(config_name))
+  for stage in inner:
+    if stage.config in seen:
+      raise ValueError(f"the recipe's configs start from each other in a cycle: {' -> '.join(seen + (stage.config,))}")
+  return inner[:-1] + [dataclasses.replace(inner[-1], name=name)]
+
+
+def _dedup(recipe: list[Stage], config_name: str) -> tuple[Stage, ...]:
+  """Each work directory trained once (the first time it is needed); ValueError when two
+  different configs would train the same one."""
+  out: dict[str, Stage] = {}
+  for stage in recipe:
+    if stage.name in out and out[stage.name].config != stage.config:
+      raise ValueError(f"the recipe of {config_name!r} trains work directory {stage.name!r} with two configs "
+                       f"({out[stage.name].config!r} and {stage.config!r}); expected one")
+    out.setdefault(stage.name, stage)
+  return tuple(out.values())
 
 
 def _has_field(config, dotted: str) -> bool:
