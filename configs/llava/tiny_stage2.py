@@ -34,6 +34,9 @@ def get_config(arg=None):
   c.data.chat_template = "vicuna_v1"
   c.data.system_prompt = ""
   c.data.mixture = "qa:1,captions:1"
+  # The longest conversation: an instruction, a caption and the template's markers around
+  # the image's 64 tokens come to 119 (the questions to 89).
+  c.data.text_length = 120
   c.optimizer.lr = 1e-3
   c.schedule.warmup_steps = 50
   c.train.num_steps = 600

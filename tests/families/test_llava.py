@@ -67,12 +67,13 @@ def _prompts(cfg, rng, sizes):
   return ids, fi, images, np.asarray([len(i) for i, _ in rows], np.int32)
 
 
-@pytest.mark.parametrize("next_", [False, True], ids=["llava-1.5", "llava-next"])
+@pytest.mark.parametrize("next_", [pytest.param(False, marks=pytest.mark.slow), True], ids=["llava-1.5", "llava-next"])
 def test_cached_greedy_generation_equals_the_full_forward_token_for_token(next_):
   cfg, module = _model(next_)
   rng = np.random.default_rng(0)
   ids, fi, images, lengths = _prompts(cfg, rng, [(16, 40), (40, 16)])
   params = module.init(jax.random.key(0), images, ids, fi)
+  forward = jax.jit(module.apply)
   out = infer.Generator(task_lib.decoding(cfg)).generate(
       params, {"images": images, "feature_index": fi}, ids, 6, prompt_lengths=lengths, pad_id=0)
   assert out.tokens.shape == (2, 6)
@@ -80,7 +81,7 @@ def test_cached_greedy_generation_equals_the_full_forward_token_for_token(next_)
     n = int(lengths[r])
     seq = np.concatenate([ids[r, :n], out.tokens[r]])[None]
     index = np.concatenate([fi[r, :n], np.full((6,), -1, np.int32)])[None]
-    logits, _ = module.apply(params, images[r:r + 1], seq, index)
+    logits, _ = forward(params, images[r:r + 1], seq, index)
     # Each generated token is the argmax of the full forward at the position before it.
     np.testing.assert_array_equal(np.argmax(np.asarray(logits)[0, n - 1:n + 5], -1), out.tokens[r])
   assert IMAGE_ID not in out.tokens  # <image> is never sampled
@@ -250,6 +251,7 @@ def test_stage_two_trains_evaluates_and_answers_from_the_shipped_config(data_dir
   assert "1 <image> tokens but 0 --image" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two trainings: about 60 s on 2 cores
 def test_stage_one_trains_only_the_projector_and_stage_two_leaves_the_tower_bitwise(data_dir, tmp_path):
   wd1, wd2 = str(tmp_path / "s1"), str(tmp_path / "s2")
   assert cli.train_main(["--config=configs/llava/tiny_stage1.py", f"--workdir={wd1}", f"--config.data.dir={data_dir}",
@@ -296,3 +298,31 @@ def test_the_train_step_loss_counts_assistant_tokens_only():
   want = _per_example_loss(model.apply(params, batch), batch).sum()
   assert float(count) == batch["loss_mask"].sum()
   np.testing.assert_allclose(float(total), want, rtol=1e-5)
+
+
+def _png(h, w):
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def test_an_image_too_thin_for_any_pinpoint_is_bad_data_naming_its_size(data_dir):
+  """LLaVA-NeXT's geometry in the conversation builder: a 2 x 300 image keeps no row of its
+  tile grid once unpadded; skipped as image_too_small, or raised naming the size."""
+  tokenizer = builders.load_tokenizer(data_dir)
+  slots = task_lib.AnyResSlots(PINPOINTS, 16, 4)
+  record = {"id": b"thin", "text": b"User: <image>\nhow many shapes are there?\nAssistant: 3<|endofchunk|>",
+            "images": [_png(2, 300)]}
+  make = lambda bad_data: conversation.ConversationBuilder(tokenizer, "vicuna_v1", 256, 8, 16, 16, slots,
+                                                           bad_data=bad_data)
+  assert make("skip")(record) == {"bad_record": "image_too_small", "record_id": "thin"}
+  with pytest.raises(ValueError, match="2x300"):
+    make("raise")(record)
+  ok = dict(record, images=[_png(20, 40)])
+  example = make("raise")(ok)
+  n = anyres.num_image_tokens((20, 40), PINPOINTS, 16, 4)
+  assert int((example["input_ids"] == tokenizer.image_id).sum()) == n
+  np.testing.assert_array_equal(example["feature_index"][example["input_ids"] == tokenizer.image_id],
+                                anyres.feature_index((20, 40), PINPOINTS, 16, 4))

@@ -113,6 +113,7 @@ def test_a_preset_of_another_family_is_an_error_listing_this_familys(capsys):
     zoo.get("llama-7b", cross_attn_every_n_layers=2)
 
 
+@pytest.mark.slow  # two trainings: 36 s; the Flamingo recipe test adopts an lm run too
 def test_flamingo_starts_from_an_lm_runs_checkpoint_with_its_lm_bitwise(data_dir, tmp_path):
   from mmjax.train import evaluate
   from mmjax.train import loop

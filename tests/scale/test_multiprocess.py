@@ -35,6 +35,7 @@ def _run_one(*args):
   return out.stdout
 
 
+@pytest.mark.slow  # two JAX processes over gloo, four trainings: 60 s on 2 cores (default-tier budget)
 def test_two_processes_train_like_one_and_checkpoints_restore_across_meshes(tmp_path):
   two, one = tmp_path / "two", tmp_path / "one"
   two.mkdir(), one.mkdir()
