@@ -2,7 +2,8 @@
 
 A record becomes turns (`conversation_turns`), the turns a rendering in a chat template
 (`TEMPLATES`: pieces of text or BOS/EOS, each trainable or not), the rendering an example
-(`ConversationBuilder`); several examples can share a row (`pack`, `PackedDataset`).
+(`ConversationBuilder`); several examples can share a row (`pack`, `PackedDataset`), or a
+batch of one-conversation rows can be cut to a length bucket (`cut_to_bucket`).
 
 An example (T text_length, N max_slots, S image_size, P tokens_per_slot):
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import enum
+import functools
 import zlib
 
 from absl import flags
@@ -629,6 +631,46 @@ class PackedDataset(grain.IterDataset):
     return _PackedIterator(self._parent.__iter__(), self.text_length, self.max_slots, self.tokens_per_slot)
 
 
+# ---------------------------------------------------------------- length buckets
+
+# The [B, T] columns of a batch; images and image_mask ([B, N, ...]) do not depend on T.
+SEQUENCE_KEYS = ("input_ids", "feature_index", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def check_buckets(buckets: Sequence[int], text_length: int) -> tuple[int, ...]:
+  """`buckets` as a tuple of ints; ValueError unless strictly ascending, each >= 2 and the
+  largest == text_length (every example fits the largest, so no batch is left without one)."""
+  values = tuple(int(b) for b in buckets)
+  if (not values or any(b < 2 for b in values) or any(a >= b for a, b in zip(values, values[1:]))
+      or values[-1] != text_length):
+    raise ValueError(f"buckets={list(buckets)}; expected strictly ascending lengths >= 2 whose largest is the "
+                     f"builder's text_length={text_length}")
+  return values
+
+
+def bucket_for(batch: Mapping[str, np.ndarray], buckets: Sequence[int]) -> int:
+  """The smallest of `buckets` that holds every token of `batch` (segment_ids [B, T] > 0)."""
+  used = np.flatnonzero(np.any(np.asarray(batch["segment_ids"]) > 0, axis=0))
+  # The last used column, not the longest count: a cut then drops padding only, whatever
+  # the layout (an unpacked row holds its tokens first, so the two agree).
+  length = int(used[-1]) + 1 if len(used) else 0
+  for bucket in buckets:
+    if length <= bucket:
+      return bucket
+  raise ValueError(f"a batch uses {length} columns; expected at most the largest bucket {buckets[-1]}")
+
+
+def cut_to_bucket(batch: Mapping[str, np.ndarray], buckets: Sequence[int]) -> dict[str, np.ndarray]:
+  """A batch with its `SEQUENCE_KEYS` [B, T] cut to [B, bucket] (`bucket_for`); other keys as they are.
+
+  The cut columns are padding in every row (pad ids, feature_index -1, no loss, segment
+  0), so the model sees the same tokens and the loss is the same; a train step compiles
+  once per bucket instead of running every batch at T.
+  """
+  bucket = bucket_for(batch, buckets)
+  return {k: (v[:, :bucket] if k in SEQUENCE_KEYS else v) for k, v in batch.items()}
+
+
 # ---------------------------------------------------------------- the pipeline
 
 def make_conversation_pipeline(builder: ConversationBuilder, data_dir: str | None = None, split: str = "train",
@@ -637,13 +679,32 @@ def make_conversation_pipeline(builder: ConversationBuilder, data_dir: str | Non
                                shard_by_jax_process: bool = True, num_epochs: int | None = None,
                                shuffle: bool = True, read_threads: int = 2,
                                max_consecutive_bad_records: int = pipeline.DEFAULT_MAX_CONSECUTIVE_BAD_RECORDS,
-                               pack: bool = False) -> pipeline.Pipeline:
-  """Batches of LLaVA examples (`builder`'s), packed several to a row with `pack`.
+                               pack: bool = False, buckets: Sequence[int] = ()) -> pipeline.Pipeline:
+  """Batches of LLaVA examples (`builder`'s), packed several to a row with `pack`, or cut
+  to length `buckets`.
 
   The steps and arguments of `pipeline.make_pipeline` (the bad-data policy is the
   builder's); packing comes after bad records are dropped and counted, so a packed row
   holds good examples only and `bad_data_counts` counts what was skipped.
+
+  `buckets` (ascending, the largest the builder's text_length): each batch is cut to the
+  smallest bucket that holds its longest sequence (`cut_to_bucket`), so its [B, T]
+  arrays are [B, bucket] and a train step compiles once per bucket. The cut is a map
+  over whole batches: the batches come in the same order with the same examples as
+  without buckets, and the state is the batch iterator's (exact on restore, holding no
+  example; `Pipeline.bucket` keeps the largest, text_length). The price: with shuffled
+  data the longest sequence of each batch decides its bucket, so the larger the batch, the
+  likelier it holds one long sequence and the fewer batches land in the small buckets.
+  Sorting examples into per-bucket batches would waste less, but it holds half-filled
+  batches of examples between steps, which the checkpointed state then has to carry (or
+  re-read), and it reorders the data. Not with `pack`: a packed row is filled to
+  text_length by design.
   """
+  if pack and buckets:
+    raise ValueError(f"pack=True and buckets={list(buckets)}; expected one of them (a packed row is filled to "
+                     f"text_length={builder.text_length}, so no batch of them would be cut)")
+  if buckets:
+    buckets = check_buckets(buckets, builder.text_length)
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}; expected >= 1")
   if num_workers < 0:
@@ -661,4 +722,7 @@ def make_conversation_pipeline(builder: ConversationBuilder, data_dir: str | Non
   ds = pipeline._DropBadRecords(ds, max_consecutive_bad_records, datasets)  # pylint: disable=protected-access
   if pack:
     ds = PackedDataset(ds, builder.text_length, builder.max_slots, builder.tokens_per_slot)
-  return pipeline.Pipeline(ds.batch(batch_size, drop_remainder=True), builder.bucket, batch_size)
+  batches = ds.batch(batch_size, drop_remainder=True)
+  if buckets:
+    batches = batches.map(functools.partial(cut_to_bucket, buckets=buckets))
+  return pipeline.Pipeline(batches, builder.bucket, batch_size)
