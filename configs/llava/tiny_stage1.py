@@ -48,6 +48,10 @@ def get_config(arg=None):
   c.data.system_prompt = None
   # Several conversations per sequence (segment ids); off: one conversation, padded.
   c.data.pack = False
+  # Length buckets (ascending, the largest = text_length): each batch is cut to the smallest
+  # that holds its longest conversation, and the step compiles once per bucket. () : one
+  # length. Not with pack (a packed row is full by design).
+  c.data.buckets = ()
   c.data.num_workers = 0
   c.data.max_consecutive_bad_records = 1000
   c.data.mixture = "captions:1"

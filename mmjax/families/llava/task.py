@@ -6,8 +6,10 @@ data directory's records (`mmjax.data.conversation`), with the loss on the assis
 the tokenizer, the compute dtype from `config.mixed_precision`. `config.data` adds to the
 usual fields: `chat_template` (a name of `mmjax.data.conversation.TEMPLATES`),
 `system_prompt` (None: the template's own), `max_slots` (N image slots per sequence:
-LLaVA-1.5 one per image, LLaVA-NeXT the base view and tiles of each), and `pack` (several
-conversations per sequence, with segment ids).
+LLaVA-1.5 one per image, LLaVA-NeXT the base view and tiles of each), `pack` (several
+conversations per sequence, with segment ids) and `buckets` (ascending lengths, the largest
+`text_length`: each batch cut to the smallest that holds it, one compile per bucket; not
+with `pack`).
 
 A batch: images uint8 [B, N, S, S, 3], image_mask [B, N], input_ids, feature_index,
 targets, loss_mask, segment_ids, positions [B, T] (`mmjax.data.conversation`).
@@ -307,7 +309,8 @@ def pipelines(config: ml_collections.ConfigDict, builder):
   kwargs = dict(data_dir=d, batch_size=bsz, shard_by_jax_process=bool(config.data.get("shard_by_process", True)),
                 mixture=common.parse_mixture(str(config.data.get("mixture", "")) or DEFAULT_MIXTURE),
                 max_consecutive_bad_records=int(config.data.get("max_consecutive_bad_records", 1000)),
-                pack=bool(config.data.get("pack", False)))
+                pack=bool(config.data.get("pack", False)),
+                buckets=tuple(int(b) for b in config.data.get("buckets", ()) or ()))
 
   def train_data():
     return conversation.make_conversation_pipeline(builder, split="train", seed=int(config.seed),
