@@ -12,7 +12,7 @@ PYTHON312_CANDIDATES = $(PYTHON312) "$$(pyenv prefix 3.12 2>/dev/null)/bin/pytho
   python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 \
                         /root/.pyenv/versions/3.12*/bin/python3.12)
 
-.PHONY: demo recipe test test-slow test-py312 install install-py312 clean
+.PHONY: demo recipe recipe-llava test test-slow test-py312 install install-py312 clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ demo: $(BIN)/.installed-demo
 RECIPE_ROOT ?= work
 recipe: $(BIN)/.installed-demo
 	$(BIN)/mmjax recipe flamingo/staged --workdir-root $(RECIPE_ROOT)
+
+# LLaVA's two-stage recipe (configs/llava/tiny_stage2.py): lm/tiny and clip/tiny (shared
+# with the Flamingo recipe's), stage 1 (projector), stage 2 (projector and LM), then eval.
+recipe-llava: $(BIN)/.installed-demo
+	$(BIN)/mmjax recipe llava/tiny_stage2 --workdir-root $(RECIPE_ROOT)
 
 # The default test tier (under 20 minutes on 2 CPU cores). The parity extra is installed
 # here, so a parity test that cannot import torch is an error, not a skip.

@@ -328,3 +328,15 @@ def test_an_image_too_thin_for_any_pinpoint_is_bad_data_naming_its_size(data_dir
   assert int((example["input_ids"] == tokenizer.image_id).sum()) == n
   np.testing.assert_array_equal(example["feature_index"][example["input_ids"] == tokenizer.image_id],
                                 anyres.feature_index((20, 40), PINPOINTS, 16, 4))
+
+
+def test_the_recipe_of_stage_two_trains_the_lm_the_tower_stage_one_then_stage_two_each_from_the_last():
+  from mmjax.train import recipe
+  commands = recipe.stage_commands("llava/tiny_stage2", "/r", ["--config.data.dir=/d"])
+  assert [c[0] for c in commands] == ["--config=lm/tiny", "--config=clip/tiny", "--config=llava/tiny_stage1",
+                                      "--config=llava/tiny_stage2"]
+  assert [c[1] for c in commands] == ["--workdir=/r/lm-tiny", "--workdir=/r/clip-tiny",
+                                      "--workdir=/r/llava-tiny_stage1", "--workdir=/r/llava-tiny_stage2"]
+  assert commands[2][-1] == "--config.init.from_workdir=/r/lm-tiny,/r/clip-tiny"
+  assert commands[3][-1] == "--config.init.from_workdir=/r/llava-tiny_stage1"
+  assert all("--config.data.dir=/d" in c for c in commands)
