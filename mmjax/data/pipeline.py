@@ -8,7 +8,8 @@
   -> [worker processes] -> drop and count bad records -> batch (drop remainder)
 
 Bad records (`preprocess.BAD_REASONS`: corrupt_image, image_too_large, too_many_images,
-empty_text, text_too_long, image_token_mismatch) are dropped and counted by reason
+empty_text, text_too_long, image_token_mismatch; the pair and conversation builders add
+not_a_pair, no_answer and image_too_small) are dropped and counted by reason
 (`bad_data="skip"`) or raise `BadRecordError` naming the record (`bad_data="raise"`).
 A run of `max_consecutive_bad_records` bad records with no good one between them raises
 `TooManyBadRecordsError` naming the mixture's datasets: the datasets repeat, so without
