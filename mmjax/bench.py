@@ -1,5 +1,7 @@
 """`mmjax bench <what>`: benchmarks. Sub-verbs: ``attention`` (kernels vs XLA and cuDNN),
-``contrastive`` (memory of the contrastive losses; see ``contrastive_main``).
+``contrastive`` (memory of the contrastive losses; see ``contrastive_main``), ``packing``
+(LLaVA training throughput with conversations packed several to a row or one per row; see
+``packing_main``).
 
 ``mmjax bench attention`` sweeps sequence length (512 to 8192), the Flamingo
 cross-attention shapes (text length x images x latents), head dim, causal or not and
@@ -26,7 +28,9 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
+import platform
 import sys
 import time
 
@@ -516,15 +520,305 @@ def contrastive_main(argv: list[str]) -> int:
   return 0
 
 
+PACKING_ARMS = ("unpacked", "packed")
+
+
+def _batch_counts(batch: dict) -> dict[str, float]:
+  """What one host batch carries: padded tokens (B x its length: a bucketed batch is cut
+  shorter), real tokens (segment_ids > 0), loss-carrying tokens, conversations (segments),
+  image slots in use; its longest and shortest conversation and the most images in a row."""
+  import numpy as np
+  segments = np.asarray(batch["segment_ids"])
+  lengths = [n for row in segments for n in np.bincount(row)[1:].tolist() if n]
+  return {"padded_tokens": float(segments.size), "real_tokens": float(np.count_nonzero(segments)),
+          "loss_tokens": float(np.sum(batch["loss_mask"])),
+          "conversations": float(np.sum(segments.max(axis=-1))),
+          "images": float(np.count_nonzero(batch["image_mask"])),
+          "longest_conversation": float(max(lengths)), "shortest_conversation": float(min(lengths)),
+          "most_images_in_a_row": float(np.asarray(batch["image_mask"]).sum(axis=-1).max())}
+
+
+@dataclasses.dataclass
+class _PackingArm:
+  """One arm of `mmjax bench packing`: the trainer's jitted step over its own batches."""
+  name: str
+  max_slots: int
+  step_fn: object
+  state: object
+  batches: list  # on the mesh, rounds x steps of them, timed in order
+  counts: list[dict]  # `_batch_counts` of each timed batch
+  compile_s: float  # the first step; with length buckets, the first step of each length
+  data_s_per_batch: float  # host pipeline, drawn before any timing
+  seconds: list[float] = dataclasses.field(default_factory=list)  # per round
+  # A copy of the freshly initialised state, for the other arm to start from (None once taken).
+  fresh_state: object = None
+
+  def time_round(self, steps: int) -> None:
+    import jax
+    start = len(self.seconds) * steps
+    began = time.perf_counter()
+    for batch in self.batches[start:start + steps]:
+      self.state, _ = self.step_fn(self.state, batch)
+    jax.block_until_ready(self.state)
+    self.seconds.append(time.perf_counter() - began)
+
+
+def _packing_arm(name: str, config, batches_needed: int, initial_state=None) -> _PackingArm:
+  """The task of `config` and the trainer's own jitted step for its first freeze stage
+  (`mmjax.train.loop`'s plan, so the step is the one `mmjax train` runs), compiled and warmed
+  up on a batch that is not timed. The state: `initial_state` (the other arm's fresh one,
+  the parameters do not depend on packing), else the loop's fresh init, a copy kept for the
+  other arm."""
+  import jax
+  from mmjax import families
+  from mmjax.train import loop
+  task = families.of_config(config).task(config, None)
+  # The loop's own plan and initial state: the same mesh, shardings, optimizer, freezing and
+  # step as a training run (a second trainer here would measure something else).
+  plan = loop._plan(config, task)  # pylint: disable=protected-access
+  data = iter(task.train_data())
+  began = time.perf_counter()
+  host = [loop.prepare_batch(config, next(data)) for _ in range(batches_needed + 1)]
+  data_s = (time.perf_counter() - began) / len(host)
+  fresh = None
+  if initial_state is None:
+    initial_state = loop._initial_state(plan)  # pylint: disable=protected-access
+    # A copy, not the same buffers: off CPU the step donates the state it is given.
+    fresh = jax.device_put(initial_state, may_alias=False)
+  state = initial_state
+  step_fn = plan.build_step(0, plan.put.global_shape(host[0]))
+  placed = [plan.put(batch) for batch in host]
+  # One compile per batch shape (length buckets give several), none inside the timed rounds.
+  first_of_shape = {}
+  for batch in placed:
+    first_of_shape.setdefault(batch["input_ids"].shape, batch)
+  began = time.perf_counter()
+  for batch in first_of_shape.values():
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - began
+  state, metrics = step_fn(state, placed[0])  # warm: the first timed step pays nothing extra
+  jax.block_until_ready(metrics)
+  return _PackingArm(name=name, max_slots=int(config.data.max_slots), step_fn=step_fn, state=state,
+                     batches=placed[1:], counts=[_batch_counts(b) for b in host[1:]], compile_s=compile_s,
+                     data_s_per_batch=data_s, fresh_state=fresh)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+  import numpy as np
+  return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
+
+
+RATE_NAMES = ("steps_per_s", "padded_tokens_per_s", "real_tokens_per_s", "loss_tokens_per_s",
+              "conversations_per_s")
+
+
+def _arm_rates(arm: _PackingArm, steps: int) -> list[dict[str, float]]:
+  """Per round: steps/s, and tokens (padded, real, loss-carrying) and conversations per second."""
+  rounds = []
+  for r, seconds in enumerate(arm.seconds):
+    window = arm.counts[r * steps:(r + 1) * steps]
+    total = lambda key: sum(c[key] for c in window)
+    rounds.append({"steps_per_s": steps / seconds, "padded_tokens_per_s": total("padded_tokens") / seconds,
+                   "real_tokens_per_s": total("real_tokens") / seconds,
+                   "loss_tokens_per_s": total("loss_tokens") / seconds,
+                   "conversations_per_s": total("conversations") / seconds})
+  return rounds
+
+
+def _arm_summary(arm: _PackingArm, steps: int, batch: int) -> dict:
+  import numpy as np
+  rounds = _arm_rates(arm, steps)
+  mean = lambda key: float(np.mean([c[key] for c in arm.counts]))
+  return {
+      "max_slots": arm.max_slots,
+      **{name: _spread([r[name] for r in rounds]) for name in RATE_NAMES},
+      "real_tokens_per_step": mean("real_tokens"), "loss_tokens_per_step": mean("loss_tokens"),
+      "conversations_per_step": mean("conversations"), "images_per_row": mean("images") / batch,
+      "padded_tokens_per_step": mean("padded_tokens"),
+      "padding_fraction": 1.0 - mean("real_tokens") / mean("padded_tokens"),
+      "longest_conversation": max(c["longest_conversation"] for c in arm.counts),
+      "shortest_conversation": min(c["shortest_conversation"] for c in arm.counts),
+      "compile_s": arm.compile_s, "data_s_per_batch": arm.data_s_per_batch,
+      "round_seconds": arm.seconds, "rounds": rounds,
+  }
+
+
+def _packing_markdown(runs: list[dict]) -> str:
+  lines = ["# LLaVA training: conversations packed several to a row vs one per row", "",
+           "Made with `mmjax bench packing` (`--config.data.text_length=224 --append` for the longer rows). "
+           "Each run builds the task twice (`data.pack` False, then True; no `init.from_workdir`: both arms "
+           "start from the same fresh parameters), each with the trainer's own jitted step "
+           "(`mmjax.train.loop`'s plan: mesh, optimizer, freezing as `mmjax train`), compiles and warms it up "
+           "on an untimed batch, then times alternating rounds (the arm that goes first alternates) of the "
+           "same number of steps on batches drawn beforehand from the real pipeline (the host pipeline is "
+           "not timed; its seconds per batch are listed). The packed arm gets as many image slots per row as "
+           "its rows can fill (the text length over the shortest conversation, times the most images one "
+           "has): every embedded conversation has an image, and the tower runs on every slot, used or not. "
+           "Real tokens: segment_ids > 0; padding: 1 - real / padded (B x T); loss tokens: loss_mask = 1 "
+           "(the assistant's answers); images/row: slots in use. Rates are medians over rounds, [min, max] "
+           "beside; ratios are taken per round (the two arms of a round ran within seconds of each other, "
+           "so a load change on a shared machine moves both).", ""]
+  for run in runs:
+    m, arms, ratios = run["meta"], run["arms"], run["ratios"]
+    lines += [f"## {m['config']}, B={m['batch']}, T={m['text_length']}"
+              + (f" ({' '.join(m['overrides'])})" if m["overrides"] else ""), "",
+              f"{m['date']}; {m['machine']}; jax {m['jax']} on {m['device']}; {m['rounds']} rounds x "
+              f"{m['steps']} steps per arm; image slots per row: unpacked {arms['unpacked']['max_slots']}, "
+              f"packed {arms['packed']['max_slots']} ({m['tokens_per_slot']} tokens each); "
+              + (f"unpacked rows cut to length buckets {m['buckets']}; " if m.get("buckets") else "")
+              + "load average "
+              f"(1, 5, 15 min) {m['load_before']} before, {m['load_after']} after"
+              + (" (the machine was shared with other work)" if m["shared"] else "") + "; "
+              f"{m['wall_s']:.0f} s in all.", "",
+              "| arm | steps/s | padded tok/s | real tok/s | conversations/s | real tok/step | loss tok/step "
+              "| conversations/step | images/row | padding | longest conv. | compile s | data s/batch |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in PACKING_ARMS:
+      a = arms[name]
+      rate = lambda key, fmt: (f"{format(a[key]['median'], fmt)} [{format(a[key]['min'], fmt)}, "
+                               f"{format(a[key]['max'], fmt)}]")
+      lines.append(f"| {name} | {rate('steps_per_s', '.2f')} | {rate('padded_tokens_per_s', ',.0f')} | "
+                   f"{rate('real_tokens_per_s', ',.0f')} | {rate('conversations_per_s', ',.1f')} | "
+                   f"{a['real_tokens_per_step']:,.0f} | {a['loss_tokens_per_step']:,.0f} | "
+                   f"{a['conversations_per_step']:.1f} | {a['images_per_row']:.2f} | {a['padding_fraction']:.1%} | "
+                   f"{a['longest_conversation']:.0f} | {a['compile_s']:.1f} | {a['data_s_per_batch']:.3f} |")
+    ratio = lambda key: f"{ratios[key]['median']:.2f}x [{ratios[key]['min']:.2f}, {ratios[key]['max']:.2f}]"
+    lines += ["", f"Packed / unpacked, per round: real tokens/s {ratio('real_tokens_per_s')}, conversations/s "
+              f"{ratio('conversations_per_s')}, steps/s {ratio('steps_per_s')}.", ""]
+  return "\n".join(lines)
+
+
+def _run_key(run: dict) -> tuple:
+  return run["meta"]["config"], tuple(run["meta"]["overrides"])
+
+
+def packing_main(argv: list[str]) -> int:
+  """`mmjax bench packing`: LLaVA training throughput with `data.pack` off and on. Builds the
+  task twice from a fresh init, the trainer's jitted step for each, and times alternating
+  rounds after compiling and warming up; reports steps/s, padded, real (segment_ids > 0) and
+  loss-carrying tokens/s, conversations/s, padding, and the packed/unpacked ratios per round.
+  The packed arm gets as many image slots per row as its rows can fill (`--packed-max-slots`
+  to choose): every embedded conversation has an image, so with the config's one slot a row
+  holds one conversation, packed or not; and the tower runs on every slot, used or not, so
+  more slots than a row can fill only cost. Extra `--config.x=y` overrides apply to both
+  arms, except `data.buckets` (length buckets, the other cure for padding), which only the
+  unpacked arm takes. Writes OUT.json and OUT.md."""
+  parser = argparse.ArgumentParser(prog="mmjax bench packing", description=packing_main.__doc__)
+  parser.add_argument("--config", default="llava/tiny_stage2", help="a llava config: a file or a shipped name")
+  parser.add_argument("--data-dir", default=None,
+                      help="default: $MMJAX_DATA_DIR, else ~/.cache/mmjax/data (the embedded data is built there "
+                           "when absent)")
+  parser.add_argument("--rounds", type=int, default=10,
+                      help="alternating rounds per arm (short rounds follow a shared machine's load closely)")
+  parser.add_argument("--steps", type=int, default=5, help="train steps per round")
+  parser.add_argument("--packed-max-slots", type=int, default=0,
+                      help="image slots per row of the packed arm (0: as many as the unpacked arm's conversations "
+                           "could fill: text_length // its shortest conversation x the most images one has; at "
+                           "least the config's data.max_slots)")
+  parser.add_argument("--append", action="store_true",
+                      help="add this run to OUT.json (a run of the same config and overrides is replaced)")
+  parser.add_argument("--out", default="benchmarks/llava", help="results go to OUT.json and OUT.md")
+  args, overrides = parser.parse_known_args(argv)
+  bad = [a for a in overrides if not a.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognized arguments {bad}; expected --config.x.y=VALUE overrides")
+  if args.rounds < 1 or args.steps < 1:
+    parser.error(f"--rounds={args.rounds} --steps={args.steps}; expected both >= 1")
+  load_before = [round(x, 2) for x in os.getloadavg()]
+  began = time.perf_counter()
+
+  import jax
+  from mmjax import data as data_lib
+  from mmjax.families.llava import task as llava_task
+  from mmjax.train import config as config_lib
+  data_dir = os.path.abspath(os.path.expanduser(args.data_dir or data_lib.default_data_dir()))
+
+  def load(pack: bool, max_slots: int | None = None):
+    forced = [f"--config.data.dir={data_dir}", f"--config.data.pack={pack}", "--config.init.from_workdir="]
+    forced += [] if max_slots is None else [f"--config.data.max_slots={max_slots}"]
+    config = config_lib.load_config(args.config, [*overrides, *forced])
+    if pack and "buckets" in config.data:  # a packed row is full by design: one length
+      config.data.buckets = ()
+    return config
+
+  unpacked_config = load(False, None)
+  if str(unpacked_config.model.get("family", "")) != "llava":
+    raise ValueError(f"--config={args.config} is a {unpacked_config.model.get('family')!r} config; expected a "
+                     "llava one (packing is the llava family's data option)")
+  if str(unpacked_config.data.name) == "embedded":
+    try:
+      data_lib.tokenizer_path(data_dir)
+    except (OSError, ValueError, KeyError):
+      print(f"mmjax bench packing: no dataset in {data_dir}; building the embedded dataset there", flush=True)
+      data_lib.build_embedded(data_dir, log=lambda m: print(f"mmjax bench packing:   {m}", flush=True))
+  batch, length = int(unpacked_config.data.batch_size), int(unpacked_config.data.text_length)
+  tokens_per_slot = llava_task.model_config(unpacked_config).tokens_per_slot
+  needed = args.rounds * args.steps
+  arms = {"unpacked": _packing_arm("unpacked", unpacked_config, needed)}
+  # Unpacked, a row is one conversation: the shortest one seen bounds how many share a
+  # packed row, and each brings at most the most images one row held.
+  counts = arms["unpacked"].counts
+  fill = (length // int(min(c["shortest_conversation"] for c in counts))
+          * int(max(c["most_images_in_a_row"] for c in counts)))
+  packed_slots = args.packed_max_slots or max(llava_task.slots(unpacked_config), fill)
+  fresh, arms["unpacked"].fresh_state = arms["unpacked"].fresh_state, None
+  arms["packed"] = _packing_arm("packed", load(True, packed_slots), needed, initial_state=fresh)
+  for r in range(args.rounds):
+    order = PACKING_ARMS if r % 2 == 0 else PACKING_ARMS[::-1]
+    for name in order:
+      arms[name].time_round(args.steps)
+    print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+        f"{name} {args.steps / arms[name].seconds[-1]:.2f} steps/s" for name in PACKING_ARMS), flush=True)
+  summaries = {name: _arm_summary(arm, args.steps, batch) for name, arm in arms.items()}
+  ratios = {}
+  for key in ("real_tokens_per_s", "conversations_per_s", "steps_per_s"):
+    per_round = [p[key] / u[key] for p, u in zip(summaries["packed"]["rounds"], summaries["unpacked"]["rounds"])]
+    ratios[key] = {**_spread(per_round), "rounds": per_round}
+  load_after = [round(x, 2) for x in os.getloadavg()]
+  device = jax.devices()[0]
+  cpus = os.cpu_count() or 1
+  meta = {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "machine": f"{platform.platform()}, {platform.machine()}, {cpus} CPUs",
+      "device": f"{jax.device_count()} x {device.platform}: {device.device_kind}",
+      "jax": jax.__version__, "config": args.config, "overrides": overrides, "batch": batch,
+      "text_length": length, "buckets": list(unpacked_config.data.get("buckets", ()) or ()),
+      "tokens_per_slot": tokens_per_slot, "rounds": args.rounds, "steps": args.steps,
+      # Other work on the machine: a 1-minute load above half a core before this run started.
+      "load_before": load_before, "load_after": load_after, "shared": load_before[0] > 0.5,
+      "wall_s": time.perf_counter() - began,
+  }
+  run = {"meta": meta, "arms": summaries, "ratios": ratios}
+  for name in PACKING_ARMS:
+    a = summaries[name]
+    print(f"{name:<9} {a['steps_per_s']['median']:.2f} steps/s, real {a['real_tokens_per_s']['median']:,.0f} "
+          f"tok/s of {a['padded_tokens_per_s']['median']:,.0f} padded ({a['padding_fraction']:.1%} padding), "
+          f"{a['conversations_per_step']:.1f} conversations/step, {a['loss_tokens_per_step']:.0f} loss tok/step")
+  print(f"packed / unpacked: real tokens/s {ratios['real_tokens_per_s']['median']:.2f}x, conversations/s "
+        f"{ratios['conversations_per_s']['median']:.2f}x, steps/s {ratios['steps_per_s']['median']:.2f}x")
+  out = pathlib.Path(args.out)
+  runs = [run]
+  if args.append and out.with_suffix(".json").exists():
+    previous = json.loads(out.with_suffix(".json").read_text())["runs"]
+    runs = [r for r in previous if _run_key(r) != _run_key(run)] + [run]
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+  out.with_suffix(".md").write_text(_packing_markdown(runs))
+  print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+  return 0
+
+
 VERBS = {
     "attention": (attention_main, "attention kernels vs the XLA reference (and cuDNN on GPU)"),
     "contrastive": (contrastive_main, "memory of the chunked SigLIP loss vs the gathered one"),
+    "packing": (packing_main, "LLaVA train-step tokens/s with conversations packed vs one per row"),
 }
 
 
 def _usage() -> str:
   lines = ["usage: mmjax bench <what> [options]", "", "benchmarks:"]
-  lines += [f"  {name:<11}{help_}" for name, (_, help_) in VERBS.items()]
+  lines += [f"  {name:<13}{help_}" for name, (_, help_) in VERBS.items()]
   return "\n".join(lines)
 
 
