@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -276,8 +277,8 @@ def test_stage_one_trains_only_the_projector_and_stage_two_leaves_the_tower_bitw
 
 def test_a_run_of_another_shape_is_refused_naming_what_differs():
   cfg, module = _model(False)
-  params = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1, 16, 16, 3), jnp.uint8),
-                          jnp.zeros((1, 8), jnp.int32), jnp.full((1, 8), -1, jnp.int32))["params"]
+  params = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1, 16, 16, 3), jnp.uint8),
+                                   jnp.zeros((1, 8), jnp.int32), jnp.full((1, 8), -1, jnp.int32))["params"])
   other = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)
   other["decoder"]["embed"]["embedding"] = np.zeros((65, 32), np.float32)
   with pytest.raises(ValueError, match="other shapes at"):
