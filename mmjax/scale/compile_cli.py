@@ -124,6 +124,9 @@ def main(argv: list[str]) -> int:
     batch = args.batch or int(config.data.batch_size)
     length = args.length or int(config.data.text_length)
     num_images = args.num_images or int(config.data.get("num_images", 0))
+    if not num_images:  # the family's own default (LLaVA: data.max_slots image slots per sequence)
+      images = families.of_config(config).abstract(config).abstract_batch(1, length, 0).get("images")
+      num_images = int(images.shape[1]) if images is not None and len(images.shape) == 5 else 0
     chips = len(aot.topology_devices(args.topology, args.slices))
     per_slice = chips // args.slices
     candidates = (sweep_candidates(per_slice) if args.sweep
