@@ -15,7 +15,7 @@ import numpy as np
 
 from mmjax.data import builders
 from mmjax.data.preprocess import decode_image
-from mmjax.data.scenes import END_OF_CHUNK_TOKEN, qa_text
+from mmjax.data.scenes import END_OF_CHUNK_TOKEN, qa_text, question_kind
 
 
 def qa_records(data_dir: str | None = None, split: str = "validation", image_size: int | None = None,
@@ -54,3 +54,12 @@ def answer_from_generation(text: str) -> str:
 
 def exact_match(prediction: str, answer: str) -> bool:
   return answer_from_generation(prediction) == answer.strip().lower()
+
+
+def accuracy_by_kind(rows: Sequence[dict]) -> dict[str, float]:
+  """Exact match per kind of question (`scenes.question_kind`; 'other' for unknown wordings),
+  from rows with "question" and "correct"."""
+  hits: dict[str, list[bool]] = {}
+  for row in rows:
+    hits.setdefault(question_kind(row["question"]) or "other", []).append(bool(row["correct"]))
+  return {kind: float(np.mean(h)) for kind, h in sorted(hits.items())}

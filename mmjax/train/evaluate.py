@@ -12,7 +12,6 @@ Dimension letters: B batch, N images, S image side, T prompt length.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import math
@@ -27,7 +26,7 @@ from mmjax import data as data_lib
 from mmjax import families
 from mmjax import filelock
 from mmjax import infer
-from mmjax.data import scenes
+from mmjax.data.qa import accuracy_by_kind
 from mmjax.train import cider as cider_lib
 from mmjax.train import config as config_lib
 from mmjax.train import loop
@@ -134,14 +133,6 @@ def load(workdir: str):
   task = families.of_config(config).task(config, workdir)
   step, params = loop.restore_params(config, workdir, task)
   return config, task, step, params
-
-
-def accuracy_by_kind(rows: list[dict]) -> dict[str, float]:
-  """Exact match per kind of question (`scenes.question_kind`; 'other' for unknown wordings)."""
-  hits = collections.defaultdict(list)
-  for row in rows:
-    hits[scenes.question_kind(row["question"]) or "other"].append(bool(row["correct"]))
-  return {kind: float(np.mean(h)) for kind, h in sorted(hits.items())}
 
 
 def evaluate(workdir: str, *, num_questions: int | None = None, few_shot_k: int | None = None,

@@ -16,7 +16,8 @@ import numpy as np
 
 from mmjax import data as data_lib
 from mmjax import infer
-from mmjax.data import conversation, scenes
+from mmjax.data import conversation
+from mmjax.data import qa as qa_lib
 from mmjax.data.preprocess import decode_image
 from mmjax.families.llava import model as llava
 
@@ -123,14 +124,6 @@ def qa_exact_match(config: ml_collections.ConfigDict, decoding: infer.Decoding, 
   return (float(np.mean([r["correct"] for r in rows])) if rows else 0.0), rows
 
 
-def _by_kind(rows: list[dict]) -> dict[str, float]:
-  """Exact match per kind of question (`scenes.question_kind`; 'other' for unknown wordings)."""
-  hits: dict[str, list[bool]] = {}
-  for row in rows:
-    hits.setdefault(scenes.question_kind(row["question"]) or "other", []).append(bool(row["correct"]))
-  return {kind: float(np.mean(h)) for kind, h in sorted(hits.items())}
-
-
 def evaluate(config: ml_collections.ConfigDict, cfg: llava.LlavaConfig, tokenizer, builder, params) -> dict:
   """`Task.evaluate`: QA exact match (overall and by kind of question) with a few examples,
   when the data directory has the embedded questions; {} otherwise."""
@@ -142,4 +135,4 @@ def evaluate(config: ml_collections.ConfigDict, cfg: llava.LlavaConfig, tokenize
   acc, rows = qa_exact_match(config, task_lib.decoding(cfg), params, builder,
                              int(config.eval.get("num_questions", 0)))
   return {"blank_images": bool(config.data.get("blank_images", False)), "qa_exact_match": acc,
-          "qa_by_kind": _by_kind(rows), "examples": rows[:8]}
+          "qa_by_kind": qa_lib.accuracy_by_kind(rows), "examples": rows[:8]}
