@@ -19,6 +19,7 @@ Logical axes
 ``frames``    frames of one video (1 for still images).
 ``patches``   patch tokens of one image, out of the vision tower.
 ``latents``   the learned queries of a Perceiver Resampler (and its output tokens).
+``queries``   the learned query tokens of a Q-Former (BLIP-2) and its query outputs.
 ``cache``     positions of a decode-time key/value cache.
 ``norm``      a normalisation scale or bias vector (never sharded by default).
 ``conv_in``   the input pixels of a patch-embedding convolution (patch x patch x channels),
@@ -77,6 +78,7 @@ LOGICAL_AXES: tuple[str, ...] = (
     "frames",
     "patches",
     "latents",
+    "queries",
     "cache",
     "norm",
     "conv_in",
@@ -124,6 +126,7 @@ _FSDP_WEIGHTS: Rules = (
     ("kv_heads", "fsdp"),
     ("vocab", "fsdp"),
     ("latents", "fsdp"),
+    ("queries", "fsdp"),
 )
 
 DATA_PARALLEL: Rules = _EVERY_SET
@@ -141,6 +144,7 @@ FROZEN_TOWERS: Rules = _EVERY_SET + _TENSOR + (
     ("heads", ("data", "fsdp")),
     ("vocab", ("data", "fsdp")),
     ("latents", "fsdp"),
+    ("queries", "fsdp"),
 )
 
 RULE_SETS: dict[str, Rules] = {
