@@ -22,6 +22,7 @@ LAYERS = (
     ("convert", "infer"),
     ("families",),
     ("zoo",),
+    ("evaluation",),
     ("train",),
     ("scale",),
     ("bench", "configs"),
@@ -110,10 +111,15 @@ def _code_mentions(path: str, word: str):
       yield tok.start[0], tok.string
 
 
+# Names of reference code, not of the family: the VQA metric's option for OpenFlamingo's
+# evaluation harness (its answer post-processing), chosen by the user as "open_flamingo".
+_NAMES_OF_REFERENCE_CODE = {(os.path.join("evaluation", "vqa.py"), '"open_flamingo"')}
+
+
 def test_outside_its_family_package_no_code_names_flamingo():
   """Issue 14: a family is an addition. Outside `families/flamingo/` the word appears only in
-  docstrings and comments (which name the paper and the design), and in the registry's
-  lines (`families/__init__.py`)."""
+  docstrings and comments (which name the paper and the design), in the registry's lines
+  (`families/__init__.py`), and in `_NAMES_OF_REFERENCE_CODE`."""
   found = []
   for dirpath, _, files in os.walk(ROOT):
     for f in files:
@@ -122,7 +128,8 @@ def test_outside_its_family_package_no_code_names_flamingo():
       if not f.endswith(".py") or rel.startswith(os.path.join("families", "flamingo")) or \
           rel == os.path.join("families", "__init__.py"):
         continue
-      found += [f"{rel}:{line}: {text}" for line, text in _code_mentions(path, "flamingo")]
+      found += [f"{rel}:{line}: {text}" for line, text in _code_mentions(path, "flamingo")
+                if (rel, text) not in _NAMES_OF_REFERENCE_CODE]
   assert not found, "\n".join(found)
 
 
