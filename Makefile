@@ -16,7 +16,7 @@ PYTHON312_CANDIDATES = $(PYTHON312) "$$(pyenv prefix 3.12 2>/dev/null)/bin/pytho
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[tpu,test,parity]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[tpu,test,parity,eval]'
 	$(BIN)/pip install -q --no-deps open-flamingo==2.0.1
 	touch $@
 
@@ -29,7 +29,7 @@ $(BIN312)/.installed: pyproject.toml constraints-py312.txt
 	    "$$py" -m venv $(VENV312) && break; fi; done; \
 	test -x $(BIN312)/python || { echo "no Python 3.12 found: set PYTHON312=/path/to/python3.12"; \
 	  exit 1; }
-	$(BIN312)/pip install -q -c constraints-py312.txt -e '.[tpu,test]'
+	$(BIN312)/pip install -q -c constraints-py312.txt -e '.[tpu,test,eval]'
 	touch $@
 
 install-py312: $(BIN312)/.installed
