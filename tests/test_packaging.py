@@ -68,7 +68,8 @@ def test_shipped_configs_resolve_by_name_and_by_repository_path_from_any_directo
   assert os.path.samefile(config_lib.resolve_config_path("flamingo/tiny"), shipped)
   assert os.path.samefile(config_lib.resolve_config_path("configs/flamingo/tiny.py"), shipped)
   assert config_lib.resolve_config_path("flamingo/tiny.py:arg") == shipped + ":arg"
-  assert config_lib.builtin_configs() == ["clip/tiny", "flamingo/staged", "flamingo/tiny", "llava/tiny_stage1",
+  assert config_lib.builtin_configs() == ["blip2/tiny_stage1", "blip2/tiny_stage2", "clip/tiny", "flamingo/staged",
+                                         "flamingo/tiny", "instructblip/tiny", "llava/tiny_stage1",
                                          "llava/tiny_stage2", "lm/tiny", "siglip/tiny"]
   config = config_lib.load_config("flamingo/staged", ["--config.train.num_steps=7"])
   assert config.train.num_steps == 7 and config.freeze.stages.startswith("0:")
@@ -89,6 +90,7 @@ def test_a_file_that_exists_wins_over_a_shipped_name(tmp_path, monkeypatch):
 @pytest.mark.parametrize("value", ["flamingo/huge", "../flamingo/tiny", "", "configs/"])
 def test_an_unknown_config_names_itself_and_the_shipped_ones(value, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(ValueError, match=r"no such file.*clip/tiny, flamingo/staged, flamingo/tiny, llava/tiny_stage1, "
-                                      r"llava/tiny_stage2, lm/tiny, siglip/tiny"):
+  with pytest.raises(ValueError, match=r"no such file.*blip2/tiny_stage1, blip2/tiny_stage2, clip/tiny, flamingo/staged, "
+                                      r"flamingo/tiny, instructblip/tiny, llava/tiny_stage1, llava/tiny_stage2, lm/tiny, "
+                                      r"siglip/tiny"):
     config_lib.resolve_config_path(value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from mmjax.families.base import AbstractModel, Family, Task
+from mmjax.families.blip2.family import FAMILY as _BLIP2
 from mmjax.families.contrastive.family import FAMILY as _CONTRASTIVE
 from mmjax.families.flamingo.family import FAMILY as _FLAMINGO
 from mmjax.families.llava.family import FAMILY as _LLAVA
@@ -23,6 +24,7 @@ REGISTRY: dict[str, Family] = {
     _LM.name: _LM,
     _CONTRASTIVE.name: _CONTRASTIVE,
     _LLAVA.name: _LLAVA,
+    _BLIP2.name: _BLIP2,
 }
 
 # What `config.model.family` is when a config does not say (every config before families).

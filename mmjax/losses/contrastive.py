@@ -10,6 +10,8 @@ learned log-temperature (exp'd here, as CLIP and SigLIP store it).
   device all-gathers both embeddings ([B, D], gradients flow back through the gather as a
   reduce-scatter) and builds only its own rows: two [b, B] logit blocks, never B x B.
   ``logit_bias`` is not taken: a constant added to every logit of a row cancels in a softmax.
+- ``query_contrastive_loss`` (BLIP-2's ITC): the softmax loss between each image's best-matching
+  query embedding and the text, with label smoothing; gathered like CLIP's.
 - ``sigmoid_contrastive_loss`` (SigLIP): -sum over all pairs of log_sigmoid(z_ij (t <x_i,
   y_j> + b)), z = +1 on the diagonal and -1 elsewhere, divided by B (the paper's
   normalisation). Chunked: each device keeps its image rows and the text rows travel round
@@ -250,3 +252,71 @@ def sigmoid_contrastive_loss(image_embeddings, text_embeddings, logit_scale, log
   return _sharded(local, mesh, axes, (image_embeddings, text_embeddings,
                                       jnp.asarray(logit_scale, jnp.float32),
                                       jnp.asarray(logit_bias, jnp.float32)))
+
+
+# --------------------------------------------------------------------------- max over queries (BLIP-2)
+
+
+def _smoothed_cross_entropy(logits, target_columns, smoothing: float):
+  """Per-row cross-entropy of logits [r, C] with target columns [r] against a target
+  distribution (1 - smoothing) one-hot + smoothing / C (torch's `label_smoothing`)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  target = jnp.take_along_axis(logp, target_columns[:, None], axis=1)[:, 0]
+  return -(1.0 - smoothing) * target - smoothing * jnp.mean(logp, axis=-1)
+
+
+def _query_logits(queries, text, temperature):
+  """[r, c] logits: for each row's Q query embeddings [r, Q, D] and each text [c, D], the
+  largest query-text cosine, divided by the temperature."""
+  sims = jnp.einsum("rqd,cd->rcq", queries, text, preferred_element_type=jnp.float32)
+  return jnp.max(sims, axis=-1) / temperature
+
+
+def query_contrastive_loss_reference(image_embeddings, text_embeddings, temperature, label_smoothing: float = 0.1):
+  """BLIP-2's ITC over the whole batch on one device: image_embeddings [B, Q, D] (one per
+  query), text_embeddings [B, D], temperature (not its log: LAVIS stores t itself)."""
+  _check_queries(image_embeddings, text_embeddings)
+  logits = _query_logits(image_embeddings, text_embeddings, jnp.asarray(temperature, jnp.float32))  # [B, B]
+  targets = jnp.arange(logits.shape[0])
+  return (jnp.mean(_smoothed_cross_entropy(logits, targets, label_smoothing))
+          + jnp.mean(_smoothed_cross_entropy(logits.T, targets, label_smoothing))) / 2
+
+
+def query_contrastive_loss(image_embeddings, text_embeddings, temperature, *, label_smoothing: float = 0.1,
+                           mesh=None):
+  """BLIP-2's image-text contrastive loss (ITC) over the global batch.
+
+  image_embeddings [B, Q, D]: each image's Q query outputs, projected and L2-normalised;
+  text_embeddings [B, D]: each text's [CLS], likewise; the similarity of image i and text j
+  is the largest of the Q cosines (LAVIS's `sim_i2t`, which is also `sim_t2i` transposed),
+  divided by `temperature`; the loss is the mean of the image->text and text->image
+  cross-entropies with `label_smoothing` (BLIP-2: 0.1). Sharded as `softmax_contrastive_loss`:
+  each device gathers both sides ([B, Q, D] and [B, D]) and builds its own [b, B] rows, the
+  gradients flowing back through the gathers. LAVIS gathers without gradient (the other
+  devices' rows are constants); here every row is a differentiable negative, so N devices
+  give exactly the one-device loss and gradients.
+  """
+  _check_queries(image_embeddings, text_embeddings)
+  batch = image_embeddings.shape[0]
+  mesh = _context_mesh(mesh)
+  axes = _batch_axes(mesh, batch)[0] if mesh is not None else ()
+  if not axes:
+    return query_contrastive_loss_reference(image_embeddings, text_embeddings, temperature, label_smoothing)
+
+  def local(image, text, t):  # image [b, Q, D], text [b, D]
+    all_image = jax.lax.all_gather(image, axes, tiled=True)  # [B, Q, D]
+    all_text = jax.lax.all_gather(text, axes, tiled=True)  # [B, D]
+    rows = image.shape[0]
+    targets = jax.lax.axis_index(axes) * rows + jnp.arange(rows)
+    image_to_text = _smoothed_cross_entropy(_query_logits(image, all_text, t), targets, label_smoothing)
+    text_to_image = _smoothed_cross_entropy(_query_logits(all_image, text, t).T, targets, label_smoothing)
+    return jax.lax.psum(jnp.sum(image_to_text) + jnp.sum(text_to_image), axes) / (2 * batch)
+
+  return _sharded(local, mesh, axes, (image_embeddings, text_embeddings, jnp.asarray(temperature, jnp.float32)))
+
+
+def _check_queries(image_embeddings, text_embeddings):
+  if (image_embeddings.ndim != 3 or text_embeddings.ndim != 2 or image_embeddings.shape[0] != text_embeddings.shape[0]
+      or image_embeddings.shape[2] != text_embeddings.shape[1]):
+    raise ValueError(f"image_embeddings {image_embeddings.shape} and text_embeddings {text_embeddings.shape}; "
+                     "expected [B, Q, D] and [B, D]")

@@ -47,6 +47,9 @@ from mmjax.models.vit import ViTConfig, VisionTransformer, normalize_images
 
 COMPONENTS = ("vision", "qformer", "projector", "lm")
 HEADS = ("itc", "itm", "itg")
+# The stage-1 heads' parameters.
+HEAD_PARAMS = ("vision_projection", "text_projection", "temperature", "itm_head", "itg_transform", "itg_layernorm",
+               "itg_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +195,8 @@ class Blip2(nn.Module):
     Q-Former's word embeddings)."""
     x = ACTIVATIONS[self.config.qformer.activation](self.itg_transform(hidden))
     x = self.itg_layernorm(x)
-    return self.qformer.word_embeddings.attend(x) + self.itg_bias
+    logits = self.qformer.word_embeddings.attend(x)
+    return logits + self.itg_bias.reshape((1,) * (logits.ndim - 1) + (-1,))
 
   def pretrain(self, images: jax.Array, ids: jax.Array, text_mask: jax.Array) -> dict:
     """The passes every stage-1 loss reads, with the images encoded once:

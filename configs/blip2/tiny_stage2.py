@@ -1,0 +1,58 @@
+"""blip2/tiny_stage2: BLIP-2's stage 2 (vision-to-language generative learning) on the embedded
+dataset: stage 1's Q-Former reads the frozen tower, a linear projection writes its 8 query
+outputs before the text of the frozen `lm/tiny` decoder, and the Q-Former and the projection
+train on the embedded questions and captions ("Question: {q} Answer: {a}"), the loss on the
+answers only.
+
+Run (from a fresh clone: clip/tiny, lm/tiny, blip2/tiny_stage1, then this, then `mmjax eval`):
+  mmjax recipe blip2/tiny_stage2          # or: make recipe-blip2
+and its blanked control (every image black in this stage, over the same earlier runs):
+  mmjax train --config configs/blip2/tiny_stage2.py --config.data.blank_images=True \\
+    --workdir work/blip2-tiny_stage2-blank
+  mmjax eval --workdir work/blip2-tiny_stage2-blank
+Then ask it:
+  mmjax generate --workdir work/blip2-tiny_stage2 --image scene.png --prompt "<image>how many shapes are there?"
+
+The Q-Former's text embeddings, text feed-forwards and stage-1 heads are left behind (the
+stage-2 model has none, as LAVIS's stage 2 drops them); the LM and the tower stay bitwise
+as they were (tests/families/test_blip2.py).
+"""
+
+import dataclasses
+import importlib.util
+import os
+
+from mmjax import zoo
+
+
+def _stage1():
+  spec = importlib.util.spec_from_file_location("blip2_tiny_stage1",
+                                                os.path.join(os.path.dirname(__file__), "tiny_stage1.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  c = _stage1().get_config(arg)
+  c.model.qformer = dict(c.model.qformer, text_input=False)
+  c.model.decoder = dataclasses.asdict(zoo.get("lm-tiny").decoder)
+  c.model.heads = ()
+  del c["loss"]
+  c.init.from_workdir = "work/lm-tiny,work/blip2-tiny_stage1"
+  c.init.from_configs = "lm/tiny,blip2/tiny_stage1"
+  c.data.batch_size = 32
+  # The questions and captions as prompts and answers; each example starts with the 8 query
+  # placeholders and BOS; the longest (a caption prompt and a caption) comes to 50 tokens.
+  c.data.mixture = "qa:1,captions:1"
+  c.data.text_length = 56
+  c.data.max_slots = 1
+  c.optimizer.lr = 1e-3
+  c.optimizer.weight_decay = 0.0
+  c.schedule.warmup_steps = 50
+  c.train.num_steps = 600
+  # The tower and the LM frozen; the Q-Former and the projection train.
+  c.freeze.stages = "0:qformer,projector"
+  c.eval.num_questions = 0
+  c.eval.max_new_tokens = 6
+  return c
