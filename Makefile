@@ -12,7 +12,7 @@ PYTHON312_CANDIDATES = $(PYTHON312) "$$(pyenv prefix 3.12 2>/dev/null)/bin/pytho
   python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 \
                         /root/.pyenv/versions/3.12*/bin/python3.12)
 
-.PHONY: demo recipe recipe-llava test test-slow test-py312 install install-py312 clean
+.PHONY: demo recipe recipe-llava recipe-blip2 test test-slow test-py312 install install-py312 clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ recipe: $(BIN)/.installed-demo
 # with the Flamingo recipe's), stage 1 (projector), stage 2 (projector and LM), then eval.
 recipe-llava: $(BIN)/.installed-demo
 	$(BIN)/mmjax recipe llava/tiny_stage2 --workdir-root $(RECIPE_ROOT)
+
+# BLIP-2's two-stage recipe (configs/blip2/tiny_stage2.py): lm/tiny and clip/tiny (shared with
+# the other recipes'), stage 1 (the Q-Former: ITC, ITM, ITG), stage 2 (Q-Former and projection
+# into the frozen LM), then eval.
+recipe-blip2: $(BIN)/.installed-demo
+	$(BIN)/mmjax recipe blip2/tiny_stage2 --workdir-root $(RECIPE_ROOT)
 
 # The default test tier (under 20 minutes on 2 CPU cores). The parity extra is installed
 # here, so a parity test that cannot import torch is an error, not a skip.

@@ -1,8 +1,8 @@
 """blip2/tiny_stage2: BLIP-2's stage 2 (vision-to-language generative learning) on the embedded
 dataset: stage 1's Q-Former reads the frozen tower, a linear projection writes its 8 query
 outputs before the text of the frozen `lm/tiny` decoder, and the Q-Former and the projection
-train on the embedded questions and captions ("Question: {q} Answer: {a}"), the loss on the
-answers only.
+train on the embedded questions ("Question: {q} Answer: {a}") and captions (the caption after
+the image, as LAVIS trains them), the loss on the answers only.
 
 Run (from a fresh clone: clip/tiny, lm/tiny, blip2/tiny_stage1, then this, then `mmjax eval`):
   mmjax recipe blip2/tiny_stage2          # or: make recipe-blip2
@@ -42,10 +42,15 @@ def get_config(arg=None):
   c.init.from_workdir = "work/lm-tiny,work/blip2-tiny_stage1"
   c.init.from_configs = "lm/tiny,blip2/tiny_stage1"
   c.data.batch_size = 32
-  # The questions and captions as prompts and answers; each example starts with the 8 query
-  # placeholders and BOS; the longest (a caption prompt and a caption) comes to 50 tokens.
+  # The questions and captions as prompts and answers; each example holds BOS and the 8 query
+  # placeholders; the longest (a caption) comes to 32 tokens.
   c.data.mixture = "qa:1,captions:1"
-  c.data.text_length = 56
+  c.data.text_length = 40
+  # The frozen lm/tiny learned the embedded documents, "<s><image>Question: ... Answer: 3<|endofchunk|>":
+  # the queries go where it saw <image> (after BOS), and an answer ends as its chunks do, which
+  # it already emits after an answer. (BLIP-2 as Hugging Face lays it out: "before_bos", "eos".)
+  c.data.image_position = "after_bos"
+  c.data.answer_end = "<|endofchunk|>"
   c.data.max_slots = 1
   c.optimizer.lr = 1e-3
   c.optimizer.weight_decay = 0.0

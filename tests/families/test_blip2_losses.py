@@ -87,22 +87,28 @@ def _batch(b=3, t=7):
   return images, ids, mask
 
 
+def _init(module, key, *args, method="__call__"):
+  return jax.jit(lambda k, *a: module.init(k, *a, method=method))(key, *args)
+
+
 def _weights(module, variables, *args, method):
-  out, state = module.apply(variables, *args, method=method, mutable=["intermediates"])
+  fn = jax.jit(lambda v, *a: module.apply(v, *a, method=method, mutable=["intermediates"]))
+  out, state = fn(variables, *args)
   return out, state["intermediates"]
 
 
+@pytest.mark.slow  # compiles the Q-Former's passes: about 20 s on 2 idle cores
 def test_the_three_masks_as_the_attention_weights_show_them():
   module = blip2.Blip2(STAGE1)
   images, ids, mask = _batch()
-  variables = nn.meta.unbox(module.init(jax.random.key(1), images, ids, mask, method="initialize"))
+  variables = nn.meta.unbox(_init(module, jax.random.key(1), images, ids, mask, method="initialize"))
   q, t = QFORMER.num_queries, ids.shape[1]
   text_cols = np.arange(q, q + t)
   pad = ~np.asarray(mask, bool)  # [B, T]
 
   # ITG (one pass with the queries, which is also where ITC's image embeddings come from):
   # queries see only queries, text sees the queries and its own past.
-  image = module.apply(variables, images, method="image_features")
+  image = jax.jit(lambda v, x: module.apply(v, x, method="image_features"))(variables, images)
   dec = ids.at[:, 0].set(STAGE1.decoder_token_id)
   attend = qformer_lib.masks("multimodal_causal", q, mask)
   queries = jnp.broadcast_to(variables["params"]["query_tokens"][None], (3, q, QFORMER.width))
@@ -135,15 +141,17 @@ def test_the_three_masks_as_the_attention_weights_show_them():
   assert np.all(w[np.broadcast_to(pad[:, None, None, :], w.shape)] == 0)
 
 
+@pytest.mark.slow  # compiles the Q-Former's passes: about 20 s on 2 idle cores
 def test_itc_image_embeddings_do_not_depend_on_the_text():
   """The pretraining pass gives the queries with ITG's text alongside; they must equal the
   queries alone (`encode_image`), whatever the text."""
   module = blip2.Blip2(STAGE1)
   images, ids, mask = _batch()
-  variables = module.init(jax.random.key(1), images, ids, mask, method="initialize")
-  alone = module.apply(variables, images, method="encode_image")
+  variables = _init(module, jax.random.key(1), images, ids, mask, method="initialize")
+  alone = jax.jit(lambda v, x: module.apply(v, x, method="encode_image"))(variables, images)
+  pretrain = jax.jit(lambda v, *a: module.apply(v, *a, method="pretrain"))
   for other in (ids, (ids * 7) % 40 + 1):
-    out = module.apply(variables, images, other, mask, method="pretrain")
+    out = pretrain(variables, images, other, mask)
     np.testing.assert_allclose(out["image_embeds"], alone, atol=1e-6)
 
 
@@ -160,8 +168,9 @@ def test_hard_negatives_stay_in_their_group_and_skip_self_and_duplicates():
   image, text = _normalised(k1, (b, 3, 8)), _normalised(k2, (b, 8))
   ids = jnp.asarray(np.arange(b)[:, None] * np.ones((1, 5), int), jnp.int32)
   ids = ids.at[1].set(ids[0])  # rows 0 and 1 hold the same caption
+  draw = jax.jit(losses.hard_negatives, static_argnums=5)
   for seed in range(20):
-    neg_text, neg_image = losses.hard_negatives(image, text, ids, jnp.float32(0.1), jax.random.key(seed), groups)
+    neg_text, neg_image = draw(image, text, ids, jnp.float32(0.1), jax.random.key(seed), groups)
     neg_text, neg_image = np.asarray(neg_text), np.asarray(neg_image)
     rows = np.arange(b)
     assert np.all(neg_text // 4 == rows // 4) and np.all(neg_image // 4 == rows // 4)
@@ -205,17 +214,19 @@ def test_itg_loss_equals_a_numpy_reference():
   np.testing.assert_allclose(total, want, rtol=1e-5)
 
 
+@pytest.mark.slow  # compiles the Q-Former's passes: about 20 s on 2 idle cores
 def test_one_step_computes_all_three_losses_with_their_weights():
   module = blip2.Blip2(STAGE1)
   images, ids, mask = _batch(b=4)
   ids, mask = jnp.concatenate([ids, ids[:1]]), jnp.concatenate([mask, mask[:1]])
   images = jnp.concatenate([images, images[:1]])
-  params = module.init(jax.random.key(1), images[:4], ids[:4], mask[:4], method="initialize")["params"]
+  params = _init(module, jax.random.key(1), images[:4], ids[:4], mask[:4], method="initialize")["params"]
   batch = {"images": images[:4], "input_ids": ids[:4], "text_mask": mask[:4]}
-  total, count, metrics = losses.stage1_loss(module, params, batch, jax.random.key(0), {"itc": 1, "itm": 1, "itg": 1})
+  step = lambda weights: jax.jit(lambda p, b, k: losses.stage1_loss(module, p, b, k, weights))  # noqa: E731
+  total, count, metrics = step({"itc": 1, "itm": 1, "itg": 1})(params, batch, jax.random.key(0))
   assert int(count) == 4
   np.testing.assert_allclose(total / 4, (metrics["itc"] + metrics["itm"] + metrics["itg"]) / 4, rtol=1e-5)
-  only_itc, _, m2 = losses.stage1_loss(module, params, batch, jax.random.key(0), {"itc": 2.0})
+  only_itc, _, m2 = step({"itc": 2.0})(params, batch, jax.random.key(0))
   assert set(m2) == {"itc"}
   np.testing.assert_allclose(only_itc, 2 * m2["itc"], rtol=1e-6)
 
@@ -225,10 +236,10 @@ def test_one_step_computes_all_three_losses_with_their_weights():
 def test_text_longer_than_the_qformer_takes_is_refused_naming_both():
   module = blip2.Blip2(STAGE1)
   images, ids, mask = _batch(t=7)
-  variables = module.init(jax.random.key(1), images, ids, mask, method="initialize")
+  variables = jax.eval_shape(lambda k: module.init(k, images, ids, mask, method="initialize"), jax.random.key(1))
   long_ids = jnp.ones((3, 13), jnp.int32)
   with pytest.raises(ValueError, match=r"13 tokens is longer than its 12 position embeddings"):
-    module.apply(variables, long_ids, jnp.ones((3, 13), jnp.int32), method="encode_text")
+    jax.eval_shape(lambda v: module.apply(v, long_ids, jnp.ones((3, 13), jnp.int32), method="encode_text"), variables)
 
 
 def test_instructblip_without_its_instruction_is_refused():
@@ -238,6 +249,6 @@ def test_instructblip_without_its_instruction_is_refused():
   module = blip2.Blip2(cfg)
   images, ids, mask = _batch()
   lm_ids = jnp.concatenate([jnp.full((3, 5), 59, jnp.int32), ids], axis=1)
-  variables = module.init(jax.random.key(0), images, lm_ids, ids, mask)
+  variables = jax.eval_shape(lambda k: module.init(k, images, lm_ids, ids, mask), jax.random.key(0))
   with pytest.raises(ValueError, match="InstructBLIP reads an instruction.*none was given"):
-    module.apply(variables, images, lm_ids)
+    jax.eval_shape(lambda v: module.apply(v, images, lm_ids), variables)

@@ -192,6 +192,7 @@ def test_retrieval_itm_logits_and_itc_similarities_equal_hf(tmp_path):
   assert itm <= TOL and itc <= TOL
 
 
+@pytest.mark.slow  # two models generate token by token both ways: about 30 s on 2 cores
 @pytest.mark.parametrize("kind", ["blip2-opt", "instructblip"])
 def test_cached_greedy_generation_equals_the_full_forward_token_for_token(kind):
   hf = _blip2_generation("opt") if kind == "blip2-opt" else _instructblip()

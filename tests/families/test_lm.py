@@ -33,6 +33,7 @@ def data_dir(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow  # a training, an evaluation, a generation and a TPU compile: about 36 s on 2 cores
 def test_lm_train_then_eval_then_generate_then_compile_work_from_the_shipped_config(data_dir, tmp_path, capsys):
   wd = str(tmp_path / "lm")
   assert cli.train_main([f"--config={LM}", f"--workdir={wd}", f"--config.data.dir={data_dir}", *SMALL]) == 0

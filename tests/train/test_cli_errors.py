@@ -135,6 +135,7 @@ def test_an_unexpected_error_keeps_its_traceback():
     del mmjax.cli.COMMANDS["broken"]
 
 
+@pytest.mark.slow  # retrains the tokenizer and trains twice: about 40 s on 2 cores
 def test_retraining_the_data_directorys_tokenizer_leaves_a_trained_work_directory_working(data_dir, tmp_path,
                                                                                         capsys):
   # The data directory is this test's own: the import below changes its tokenizer.

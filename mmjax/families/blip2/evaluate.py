@@ -189,7 +189,8 @@ def render_prompt(cfg, builder, prompt: str, images: list):
     words = " ".join(prompt.replace(IMAGE_TOKEN, " ").split())
     i_ids, i_mask = task_lib.encode_instruction(builder.tokenizer, words, builder.instruction_length)
     inputs.update(instruction_ids=i_ids[None], instruction_mask=i_mask[None])
-  return inputs, np.asarray(prompt_ids(cfg, builder, prompt), np.int32), builder.tokenizer.eos_id
+  return inputs, np.asarray(prompt_ids(cfg, builder, prompt), np.int32), task_lib.stop_id(builder.template,
+                                                                                          builder.tokenizer)
 
 
 def _square(image: np.ndarray, size: int) -> np.ndarray:
@@ -228,7 +229,7 @@ def qa_exact_match(config: ml_collections.ConfigDict, cfg, builder, params, limi
     if blank:
       inputs["images"] = np.zeros_like(inputs["images"])
     result = generator.generate({"params": params}, inputs, ids, int(config.eval.get("max_new_tokens", 6)),
-                                prompt_lengths=lengths, eos_token_id=tok.eos_id, pad_id=tok.pad_id)
+                                prompt_lengths=lengths, eos_token_id=chunk[0][2], pad_id=tok.pad_id)
     answers += [tok.decode([int(t) for t in result.tokens[i, :result.lengths[i]]]) for i in range(len(chunk))]
   rows = []
   for record, answer in zip(records, answers):

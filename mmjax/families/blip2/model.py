@@ -249,12 +249,12 @@ class Blip2(nn.Module):
 
   def __call__(self, images: jax.Array, input_ids: jax.Array, instruction_ids: jax.Array | None = None,
                instruction_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-               cache: dict | None = None):
+               segment_ids: jax.Array | None = None, cache: dict | None = None):
     if self.config.decoder is None:
       raise ValueError("this BLIP-2 has no LM (Blip2Config.decoder=None: the stage-1 model); expected a stage-2 "
                        "config to generate text")
     x = self.embed(images, input_ids, instruction_ids, instruction_mask)
-    return self.decoder(embeddings=x, positions=positions, cache=cache)
+    return self.decoder(embeddings=x, positions=positions, segment_ids=segment_ids, cache=cache)
 
   def decode(self, input_ids: jax.Array, *, positions: jax.Array, cache: dict):
     """Text tokens only (generation after the prefill): (logits, cache)."""

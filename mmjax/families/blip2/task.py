@@ -63,7 +63,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenize
     qformer["vocab_size"] = tokenizer.vocab_size + 1
     top.update(decoder_token_id=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, image_token_id=tokenizer.image_id)
   vision = common.replace_fields(ViTConfig, m["vision"], "vision", dtype=dtype)
-  qformer.setdefault("encoder_width", vision.width)
+  qformer["encoder_width"] = vision.width  # the tower decides it
   decoder = None
   if m.get("decoder") is not None:
     remat = str(config.train.remat) == "layers" or bool(m["decoder"].get("remat", False))
@@ -174,7 +174,7 @@ class Model:
                                method="pretrain")
     logits, _ = self.module.apply({"params": params}, stage2_images(batch["images"]), batch["input_ids"],
                                   batch.get("instruction_ids"), batch.get("instruction_mask"),
-                                  positions=batch.get("positions"))
+                                  positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
     return logits
 
 
@@ -262,27 +262,64 @@ class CaptionPairBuilder(pairs.PairBuilder):
 
 # ---------------------------------------------------------------- stage 2 data
 
+IMAGE_POSITIONS = ("before_bos", "after_bos")
+
+
 class Blip2Template(conversation.ChatTemplate):
-  """BLIP-2's prompt: the round's images (the Q placeholders each), BOS, "Question: {words}
-  Answer:" (the user's words without `<image>`; nothing when there are none), then " {a}"
-  and EOS, which carry the loss. Later rounds repeat the format without images or BOS."""
+  """BLIP-2's prompt: the round's images (Q placeholders each) and BOS, "Question: {words}
+  Answer:" (the user's words without `<image>`), then " {a}" and the answer's end, which carry
+  the loss. A caption request (`conversation.CAPTION_PROMPTS`) renders as BLIP-2's captioning,
+  no question: the caption follows the image (LAVIS trains its stage 2 on captions without a
+  prompt). Later rounds repeat the format without BOS.
+
+  `image_position`: "before_bos" as Hugging Face's processor lays BLIP-2 out (the queries,
+  then BOS and the text), "after_bos" where a decoder pretrained on the embedded documents saw
+  its `<image>` token. `end`: "eos" (the tokenizer's end of sequence), or a text (LAVIS ends
+  OPT's targets with "\n"; the embedded documents end each chunk with `<|endofchunk|>`), which
+  a frozen LM already emits after an answer.
+  """
 
   name = "blip2"
 
+  def __init__(self, image_position: str = "before_bos", end: str = "eos"):
+    if image_position not in IMAGE_POSITIONS:
+      raise ValueError(f"data.image_position={image_position!r}; expected one of {IMAGE_POSITIONS}")
+    if not end:
+      raise ValueError("data.answer_end=''; expected 'eos' or the text that ends an answer")
+    self.image_position, self.end = image_position, end
+
   def render(self, rounds):
+    piece, bos = conversation.Piece, conversation.Special.BOS
+    end = conversation.Special.EOS if self.end == "eos" else self.end
     pieces = []
     for r, turn in enumerate(rounds):
       images = turn.user.count(IMAGE_TOKEN)
       words = " ".join(turn.user.replace(IMAGE_TOKEN, " ").split())
-      if images:
-        pieces.append(conversation.Piece(IMAGE_TOKEN * images, False, r))
+      head = [piece(IMAGE_TOKEN * images, False, r)] if images else []
       if r == 0:
-        pieces.append(conversation.Piece(conversation.Special.BOS, False, r))
-      if words:
-        pieces.append(conversation.Piece(f"Question: {words} Answer:", False, r))
-      pieces += [conversation.Piece(f" {turn.assistant}" if words else turn.assistant, True, r),
-                 conversation.Piece(conversation.Special.EOS, True, r)]
+        head = [piece(bos, False, r)] + head if self.image_position == "after_bos" else head + [piece(bos, False, r)]
+      pieces += head
+      if words and words not in conversation.CAPTION_PROMPTS:
+        pieces += [piece(f"Question: {words} Answer:", False, r), piece(f" {turn.assistant}", True, r)]
+      else:
+        pieces.append(piece(turn.assistant, True, r))
+      pieces.append(piece(end, True, r))
     return pieces
+
+
+def template_of(config: ml_collections.ConfigDict) -> Blip2Template:
+  return Blip2Template(str(config.data.get("image_position", "before_bos")), str(config.data.get("answer_end", "eos")))
+
+
+def stop_id(template: Blip2Template, tokenizer: data_lib.Tokenizer) -> int:
+  """The id generation stops at: EOS, or the answer's end when it is one token."""
+  if template.end == "eos":
+    return tokenizer.eos_id
+  ids = tokenizer.encode(template.end)
+  if len(ids) != 1:
+    raise ValueError(f"data.answer_end={template.end!r} is {len(ids)} tokens {ids}; generation stops at one id, "
+                     "expected a text of one token (or 'eos')")
+  return ids[0]
 
 
 def instruction_of(record: dict) -> str:
@@ -301,12 +338,13 @@ def encode_instruction(tokenizer: data_lib.Tokenizer, text: str, length: int) ->
 
 
 class Blip2Builder(conversation.ConversationBuilder):
-  """Conversation examples in `Blip2Template`, one image slot of Q tokens; with
+  """Conversation examples in a `Blip2Template`, one image slot of Q tokens; with
   `instruction_length`, InstructBLIP's instruction ids and mask too."""
 
   def __init__(self, tokenizer, text_length: int, image_size: int, num_queries: int, instruction_length: int = 0,
-               **kwargs):
-    super().__init__(tokenizer, Blip2Template(), text_length, 1, image_size, num_queries, **kwargs)
+               template: Blip2Template | None = None, **kwargs):
+    template = template or Blip2Template()
+    super().__init__(tokenizer, template, text_length, 1, image_size, num_queries, **kwargs)
     self.instruction_length = instruction_length
 
   def _build(self, record: dict, record_id: str) -> dict:
@@ -318,8 +356,10 @@ class Blip2Builder(conversation.ConversationBuilder):
 
 
 def builder_of(config: ml_collections.ConfigDict, cfg: blip2.Blip2Config, tokenizer) -> Blip2Builder:
+  template = template_of(config)
+  stop_id(template, tokenizer)  # a multi-token end is refused before training
   return Blip2Builder(tokenizer, int(config.data.text_length), cfg.vision.image_size, cfg.num_queries,
-                      instruction_length(config) if cfg.instruction else 0)
+                      instruction_length(config) if cfg.instruction else 0, template)
 
 
 def stage2_pipelines(config: ml_collections.ConfigDict, builder: Blip2Builder):
@@ -346,7 +386,7 @@ def abstract_batch(cfg: blip2.Blip2Config, batch: int, length: int, instruction:
   if cfg.decoder is None:
     return {"images": sds((batch, s, s, 3), jnp.uint8), "input_ids": ints(length), "text_mask": ints(length)}
   out = {"images": sds((batch, 1, s, s, 3), jnp.uint8), "input_ids": ints(length), "targets": ints(length),
-         "loss_mask": sds((batch, length), jnp.float32), "positions": ints(length)}
+         "loss_mask": sds((batch, length), jnp.float32), "positions": ints(length), "segment_ids": ints(length)}
   if cfg.instruction:
     out.update(instruction_ids=ints(instruction), instruction_mask=ints(instruction))
   return out
@@ -416,10 +456,11 @@ def _take(what: str, mine, theirs):
   if missing or extra:
     raise ValueError(f"{what} does not fit this BLIP-2's: missing {missing[:5]}, unexpected {extra[:5]}; expected "
                      "the same model settings")
-  bad = [k for k in a if np.shape(a[k]) != np.shape(b[k])]
+  shape = lambda x: tuple(getattr(x, "shape", np.shape(x)))  # noqa: E731  (arrays or ShapeDtypeStructs)
+  bad = [k for k in a if shape(a[k]) != shape(b[k])]
   if bad:
-    raise ValueError(f"{what} has other shapes at {bad[:5]} (e.g. {bad[0]}: {np.shape(b[bad[0]])} vs "
-                     f"{np.shape(a[bad[0]])}); expected the same model settings")
+    raise ValueError(f"{what} has other shapes at {bad[:5]} (e.g. {bad[0]}: {shape(b[bad[0]])} vs "
+                     f"{shape(a[bad[0]])}); expected the same model settings")
   return jax.tree.map(jnp.asarray, theirs)
 
 
@@ -491,7 +532,7 @@ def blip2_task(config: ml_collections.ConfigDict, workdir: str | None = None) ->
                      **common_fields)
   builder = builder_of(config, cfg, tokenizer)
   train_data, val_data = stage2_pipelines(config, builder)
-  return base.Task(train_data=train_data, val_data=val_data, decoding=decoding(cfg), takes_images=True,
+  return base.Task(train_data=train_data, val_data=val_data, decoding=decoding(cfg),
                    evaluate=lambda params: evaluate_lib.evaluate_stage2(config, cfg, builder, params),
                    render_prompt=lambda prompt, images: evaluate_lib.render_prompt(cfg, builder, prompt, images),
                    **common_fields)
