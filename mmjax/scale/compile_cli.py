@@ -95,7 +95,8 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
 
   def _scan_layers(config) -> bool:
-    return bool(config.model.get("decoder", {}).get("scan_layers", False))
+    # A family's config may name no decoder or a None one (BLIP-2's stage 1: model.decoder=None).
+    return bool((config.model.get("decoder") or {}).get("scan_layers", False))
 
   import dataclasses as _dc
   from mmjax.scale import aot
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> int:
       if args.remat:
         config.train.remat = args.remat
       if args.scan_layers:
-        if "decoder" not in config.model:
+        if config.model.get("decoder") is None:
           raise ValueError(f"--scan-layers scans a decoder's layers; family {families.of_config(config).name!r} "
                            "has no decoder")
         config.model.decoder.scan_layers = True
