@@ -28,20 +28,12 @@ from mmjax.data import conversation, pairs
 from mmjax.data import qa as qa_lib
 from mmjax.data.preprocess import BadImageError, decode_image
 from mmjax.data.scenes import IMAGE_TOKEN
+from mmjax.evaluation.retrieval import RECALL_AT, recall_at
 from mmjax.families import common
 
-RECALL_AT = (1, 5, 10)
 # Rows scored per jitted call (the last chunk padded): one compile per shape.
 CHUNK = 100
 _log = logging.getLogger(__name__)
-
-
-def recall_at(scores: np.ndarray, correct: np.ndarray, ks=RECALL_AT) -> dict[int, float]:
-  """scores [Q, C], correct bool [Q, C] -> {k: fraction of queries with a correct item
-  ranked within k}; an item's rank counts every wrong item scored at least as high."""
-  best = np.where(correct, scores, -np.inf).max(axis=1)
-  rank = np.sum((scores >= best[:, None]) & ~correct, axis=1)
-  return {k: float(np.mean(rank < k)) for k in ks}
 
 
 def _chunked(fn, params, *arrays, chunk: int = CHUNK) -> np.ndarray:

@@ -31,9 +31,9 @@ import numpy as np
 from mmjax import data as data_lib
 from mmjax.data import pairs, scenes
 from mmjax.data.preprocess import BadImageError
+from mmjax.evaluation.retrieval import RECALL_AT, recall_at
 from mmjax.families import common
 
-RECALL_AT = (1, 5, 10)
 _log = logging.getLogger(__name__)
 
 
@@ -72,14 +72,6 @@ ZERO_SHOT_TASKS = {
                     for t in _single(col, sh)],
                    lambda s: "yes" if ("circle", "red") in s else "no"),
 }
-
-
-def recall_at(scores: np.ndarray, correct: np.ndarray, ks=RECALL_AT) -> dict[int, float]:
-  """scores [Q, C] and correct bool [Q, C] -> {k: fraction of queries with a correct item
-  ranked within k}; an item's rank counts every other item scored at least as high."""
-  best_correct = np.where(correct, scores, -np.inf).max(axis=1)  # [Q]
-  rank = np.sum((scores >= best_correct[:, None]) & ~correct, axis=1)  # wrong items not below it
-  return {k: float(np.mean(rank < k)) for k in ks}
 
 
 def retrieval(image_embeds: np.ndarray, text_embeds: np.ndarray, same_content: np.ndarray | None = None) -> dict:
