@@ -70,7 +70,7 @@ def test_shipped_configs_resolve_by_name_and_by_repository_path_from_any_directo
   assert config_lib.resolve_config_path("flamingo/tiny.py:arg") == shipped + ":arg"
   assert config_lib.builtin_configs() == ["blip2/tiny_stage1", "blip2/tiny_stage2", "clip/tiny", "flamingo/staged",
                                          "flamingo/tiny", "instructblip/tiny", "llava/tiny_stage1",
-                                         "llava/tiny_stage2", "lm/tiny", "siglip/tiny"]
+                                         "llava/tiny_stage2", "lm/tiny", "lm/tiny_reading", "siglip/tiny"]
   config = config_lib.load_config("flamingo/staged", ["--config.train.num_steps=7"])
   assert config.train.num_steps == 7 and config.freeze.stages.startswith("0:")
   # siglip/tiny builds on clip/tiny by its own path, not the working directory.
@@ -92,5 +92,5 @@ def test_an_unknown_config_names_itself_and_the_shipped_ones(value, tmp_path, mo
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ValueError, match=r"no such file.*blip2/tiny_stage1, blip2/tiny_stage2, clip/tiny, flamingo/staged, "
                                       r"flamingo/tiny, instructblip/tiny, llava/tiny_stage1, llava/tiny_stage2, lm/tiny, "
-                                      r"siglip/tiny"):
+                                      r"lm/tiny_reading, siglip/tiny"):
     config_lib.resolve_config_path(value)

@@ -1,10 +1,15 @@
 """blip2/tiny_stage2: BLIP-2's stage 2 (vision-to-language generative learning) on the embedded
 dataset: stage 1's Q-Former reads the frozen tower, a linear projection writes its 8 query
-outputs before the text of the frozen `lm/tiny` decoder, and the Q-Former and the projection
+outputs before the text of the frozen `lm/tiny_reading` decoder, and the Q-Former and the projection
 train on the embedded questions ("Question: {q} Answer: {a}") and captions (the caption after
 the image, as LAVIS trains them), the loss on the answers only.
 
-Run (from a fresh clone: clip/tiny, lm/tiny, blip2/tiny_stage1, then this, then `mmjax eval`):
+The LM is `lm/tiny_reading` (lm/tiny's model trained on the questions after their scenes'
+captions), not `lm/tiny`: a frozen LM can answer from the query outputs only if it reads what
+stands before a question, and lm/tiny, which never needed to, does not (29.0% QA with images
+vs 27.3% blanked; docs/blip2.md).
+
+Run (from a fresh clone: lm/tiny_reading, clip/tiny, blip2/tiny_stage1, then this, then `mmjax eval`):
   mmjax recipe blip2/tiny_stage2          # or: make recipe-blip2
 and its blanked control (every image black in this stage, over the same earlier runs):
   mmjax train --config configs/blip2/tiny_stage2.py --config.data.blank_images=True \\
@@ -39,16 +44,16 @@ def get_config(arg=None):
   c.model.decoder = dataclasses.asdict(zoo.get("lm-tiny").decoder)
   c.model.heads = ()
   del c["loss"]
-  c.init.from_workdir = "work/lm-tiny,work/blip2-tiny_stage1"
-  c.init.from_configs = "lm/tiny,blip2/tiny_stage1"
+  c.init.from_workdir = "work/lm-tiny_reading,work/blip2-tiny_stage1"
+  c.init.from_configs = "lm/tiny_reading,blip2/tiny_stage1"
   c.data.batch_size = 32
   # The questions and captions as prompts and answers; each example holds BOS and the 8 query
   # placeholders; the longest (a caption) comes to 32 tokens.
   c.data.mixture = "qa:1,captions:1"
   c.data.text_length = 40
-  # The frozen lm/tiny learned the embedded documents, "<s><image>Question: ... Answer: 3<|endofchunk|>":
-  # the queries go where it saw <image> (after BOS), and an answer ends as its chunks do, which
-  # it already emits after an answer. (BLIP-2 as Hugging Face lays it out: "before_bos", "eos".)
+  # The frozen LM learned "<s>{caption}Question: ... Answer: 3<|endofchunk|>": the queries go
+  # where it saw the caption (after BOS), and an answer ends as its chunks do, which it
+  # already emits after an answer. (BLIP-2 as Hugging Face lays it out: "before_bos", "eos".)
   c.data.image_position = "after_bos"
   c.data.answer_end = "<|endofchunk|>"
   c.data.max_slots = 1

@@ -68,6 +68,28 @@ class Scene:
     parts += [f"{s.shape[0]}{s.colour}{s.x},{s.y},{s.size}" for s in self.shapes]
     return "|".join(parts)
 
+  @classmethod
+  def from_key(cls, key: str) -> Scene:
+    """The scene whose `key` is `key` (the records of the embedded dataset store them)."""
+    try:
+      size, top, bottom, *shapes = key.split("|")
+      image_size = int(size)
+      parsed = []
+      for part in shapes:
+        kind = next(k for k in SHAPES if k[0] == part[0])
+        colour = next(c for c in COLOURS if part[1:].startswith(c))
+        x, y, diameter = (int(v) for v in part[1 + len(colour):].split(","))
+        column = min(NUM_COLUMNS - 1, int(x * NUM_COLUMNS // image_size))
+        parsed.append(Shape(shape=kind, colour=colour, column=column, x=x, y=y, size=diameter))
+      scene = cls(image_size=image_size, top=tuple(int(v) for v in top.split(",")),
+                  bottom=tuple(int(v) for v in bottom.split(",")), shapes=tuple(parsed))
+    except (ValueError, StopIteration) as e:
+      raise ValueError(f"scene key {key!r}; expected 'size|r,g,b|r,g,b|' and shapes like "
+                       "'cred12,30,9' (Scene.key's form)") from e
+    if not parsed or scene.key != key:
+      raise ValueError(f"scene key {key!r}; expected Scene.key's form with at least one shape")
+    return scene
+
 
 def sample_scene(rng: np.random.Generator, image_size: int) -> Scene:
   """A random scene: 1-4 shapes, each colour and kind drawn independently."""
@@ -136,11 +158,17 @@ def _join(items: list[str]) -> str:
   return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def left_to_right(scene: Scene) -> str:
+  """The caption that names every shape in order: "from left to right: a red circle and a
+  blue square." (the first of `caption`'s templates, which every scene has)."""
+  return f"from left to right: {_join([f'a {s.name}' for s in scene.shapes])}."
+
+
 def caption(scene: Scene, rng: np.random.Generator) -> str:
   """One sentence naming every shape, left to right."""
   names = [f"a {s.name}" for s in scene.shapes]
   n = len(names)
-  templates = [f"from left to right: {_join(names)}."]
+  templates = [left_to_right(scene)]
   templates.append(f"there {'is' if n == 1 else 'are'} {n} {_plural('shape', n)}: {_join(names)}.")
   if n == 1:
     templates.append(f"a picture of {names[0]}.")

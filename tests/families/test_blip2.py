@@ -124,10 +124,10 @@ def test_the_instruction_changes_the_answer_logits_only_through_the_qformer(data
 def test_the_recipe_runs_clip_lm_stage_one_then_stage_two():
   from mmjax.train import recipe
   commands = recipe.stage_commands("blip2/tiny_stage2", "/r", [])
-  assert [c[0] for c in commands] == ["--config=lm/tiny", "--config=clip/tiny", "--config=blip2/tiny_stage1",
+  assert [c[0] for c in commands] == ["--config=lm/tiny_reading", "--config=clip/tiny", "--config=blip2/tiny_stage1",
                                       "--config=blip2/tiny_stage2"]
   assert commands[2][-1] == "--config.init.from_workdir=/r/clip-tiny"
-  assert commands[3][-1] == "--config.init.from_workdir=/r/lm-tiny,/r/blip2-tiny_stage1"
+  assert commands[3][-1] == "--config.init.from_workdir=/r/lm-tiny_reading,/r/blip2-tiny_stage1"
 
 
 def test_configs_the_model_cannot_take_are_refused_naming_the_value(data_dir):

@@ -2,6 +2,14 @@
 embedded dataset's captions and questions with their `<image>` tokens dropped, or a
 user's imported JSONL text), next-token loss over the text.
 
+`data.describe_images` (a probability, default 0) puts a caption of each image's scene where
+its `<image>` stood, in that share of the embedded records: "<s>there are 2 shapes: a red
+circle and a blue square.Question: what colour is the rightmost shape? Answer: blue". An LM
+trained on only the embedded text never needs what precedes a question (nothing there says
+what the image holds), and learns to ignore it; one trained on described images learns to
+read the description, which is what a frozen LM behind a bridge (BLIP-2's stage 2) has to
+do with the query outputs that replace it.
+
 `config.model` is {"family": "lm", "decoder": every DecoderConfig field}; the vocabulary
 size comes from the tokenizer and the compute dtype from `config.mixed_precision`.
 """
@@ -9,6 +17,7 @@ size comes from the tokenizer and the compute dtype from `config.mixed_precision
 from __future__ import annotations
 
 import functools
+import zlib
 
 import flax
 import jax
@@ -19,6 +28,9 @@ import numpy as np
 from mmjax import data as data_lib
 from mmjax.families import base, common
 from mmjax.families.lm import model as lm
+from mmjax.data import qa as qa_lib
+from mmjax.data import scenes as scenes_lib
+from mmjax import infer
 from mmjax.infer import Decoding
 from mmjax.models.decoder import DecoderConfig, init_decoder_cache
 from mmjax.models.scan_layout import scan_plan
@@ -38,6 +50,85 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> lm.LMCon
 def bucket(config: ml_collections.ConfigDict) -> data_lib.Bucket:
   """Text only (no image slots): `data.text_length` tokens per example."""
   return data_lib.Bucket(max_images=0, text_length=int(config.data.text_length))
+
+
+class DescribingBuilder(data_lib.ExampleBuilder):
+  """The text-only example builder with each `<image>` replaced, with probability
+  `describe`, by a caption of its scene (the record's `scenes`), else dropped as usual.
+
+  The caption and the draw depend on the record's id and `seed` only, so an example is the
+  same at every epoch and after a resume. Each piece of text between images is encoded on
+  its own, as the image buckets encode it: the question after a caption has the same ids as
+  after an image.
+  """
+
+  def __init__(self, tokenizer: data_lib.Tokenizer, bucket: data_lib.Bucket, describe: float, seed: int):
+    super().__init__(tokenizer, bucket)
+    if not 0.0 <= describe <= 1.0:
+      raise ValueError(f"data.describe_images={describe}; expected a probability in [0, 1]")
+    self.describe, self.seed = describe, seed
+
+  def _build_text(self, record: dict, record_id: str) -> dict:
+    tok = self.tokenizer
+    text = record["text"].decode() if isinstance(record["text"], bytes) else str(record["text"])
+    keys = [k.decode() if isinstance(k, bytes) else str(k) for k in record.get("scenes", [])]
+    pieces = text.split(data_lib.IMAGE_TOKEN)
+    if len(keys) != len(pieces) - 1:
+      raise ValueError(f"record {record_id}: data.describe_images={self.describe} needs the scene of every "
+                       f"image (the embedded dataset's `scenes`); it has {len(pieces) - 1} <image> and "
+                       f"{len(keys)} scenes")
+    rng = np.random.default_rng([self.seed, zlib.crc32(record_id.encode())])
+    ids = tok.encode(pieces[0])
+    for key, piece in zip(keys, pieces[1:]):
+      if rng.random() < self.describe:
+        ids += tok.encode(scenes_lib.left_to_right(scenes_lib.Scene.from_key(key)))
+      ids += tok.encode(piece)
+    if all(i == tok.end_of_chunk_id for i in ids):
+      raise data_lib.BadRecordError(record_id, "empty_text", f"text {text[:80]!r} has no words")
+    return self._sequence(([tok.bos_id] + ids + [tok.eos_id])[:self.bucket.text_length])
+
+
+def reading_accuracy(config: ml_collections.ConfigDict, cfg: lm.LMConfig, tokenizer: data_lib.Tokenizer,
+                     params, limit: int = 0, batch: int = 64) -> dict:
+  """QA exact match of the LM on the embedded validation questions, each after a caption of
+  its scene (`described`) and with no caption (`bare`, the questions alone: the text's
+  prior; the answers are balanced, so chance is what `bare` should reach). An LM that reads
+  answers the described questions; {} when the data directory has no `qa`."""
+  d = common.data_dir(config)
+  if "qa" not in data_lib.dataset_names(d):
+    return {}
+  source = data_lib.open_split(d, "qa", "validation")
+  count = len(source) if not limit else min(limit, len(source))
+  tok = tokenizer
+  generator = infer.Generator(decoding(cfg))
+  prompts = {"described": [], "bare": []}
+  truths, questions = [], []
+  for i in range(count):
+    record = source[i]
+    question, answer = (record[k].decode() for k in ("question", "answer"))
+    scene = scenes_lib.Scene.from_key(record["scenes"][0].decode())
+    query = tok.encode(data_lib.qa_prompt(question).replace(data_lib.IMAGE_TOKEN, ""))
+    prompts["described"].append([tok.bos_id] + tok.encode(scenes_lib.left_to_right(scene)) + query)
+    prompts["bare"].append([tok.bos_id] + query)
+    truths.append(answer)
+    questions.append(question)
+  res = {}
+  for name, rows in prompts.items():
+    predictions = []
+    for start in range(0, count, batch):
+      chunk = rows[start:start + batch]
+      ids = np.full((batch, max(len(r) for r in rows)), tok.pad_id, np.int32)
+      lengths = np.ones((batch,), np.int32)
+      for j in range(batch):
+        p = chunk[min(j, len(chunk) - 1)]
+        ids[j, :len(p)], lengths[j] = p, len(p)
+      out = generator.generate({"params": params}, None, ids, 4, prompt_lengths=lengths,
+                               eos_token_id=tok.end_of_chunk_id, pad_id=tok.pad_id)
+      predictions += [tok.decode([int(t) for t in out.tokens[j, :out.lengths[j]]]) for j in range(len(chunk))]
+    rows = [{"question": q, "correct": data_lib.exact_match(p, t)} for q, p, t in zip(questions, predictions, truths)]
+    res[f"reading_qa_{name}"] = float(np.mean([r["correct"] for r in rows]))
+    res[f"reading_qa_{name}_by_kind"] = qa_lib.accuracy_by_kind(rows)
+  return res
 
 
 def abstract_batch(batch: int, length: int) -> dict:
@@ -128,10 +219,18 @@ def lm_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> ba
   bk = bucket(config)
   model = Model(cfg, bk.text_length)
   d = common.data_dir(config)
-  train_data, val_data = common.pipelines(config, tokenizer, bk)
+  describe = float(config.data.get("describe_images", 0.0))
+  builder = DescribingBuilder(tokenizer, bk, describe, int(config.seed)) if describe != 0 else None
+  train_data, val_data = common.pipelines(config, tokenizer, bk, builder=builder)
+
+  def evaluate(params):
+    if not describe:
+      return {}
+    return reading_accuracy(config, cfg, tokenizer, params, int(config.eval.get("num_questions", 0)))
 
   return base.Task(init_params=model.init, apply_fn=model.apply, param_labels=lm.param_labels,
                    train_data=train_data, val_data=val_data,
                    flops_per_example=lambda trainable: train_flops(cfg, bk.text_length, trainable),
                    boxed_params=model.boxed, workdir_files=lambda: {common.TOKENIZER_COPY: tokenizer_bytes},
-                   components=lm.COMPONENTS, tokenizer=tokenizer, data_dir=d, decoding=decoding(cfg))
+                   components=lm.COMPONENTS, tokenizer=tokenizer, data_dir=d, decoding=decoding(cfg),
+                   evaluate=evaluate)
