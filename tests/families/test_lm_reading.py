@@ -99,3 +99,26 @@ def test_the_reading_evaluation_asks_each_question_with_and_without_its_caption(
     assert res[f"reading_qa_{name}"] * min(6, len(source)) == pytest.approx(
         round(res[f"reading_qa_{name}"] * min(6, len(source))))
     assert set(res[f"reading_qa_{name}_by_kind"]) == kinds
+
+
+def test_more_questions_ask_other_questions_of_the_same_scene_with_their_answers(data_dir):
+  tok = builders.load_tokenizer(data_dir)
+  bucket = data_lib.Bucket(max_images=0, text_length=256)
+  builder = lm_task.DescribingBuilder(tok, bucket, 1.0, seed=0, more_questions=3)
+  checked = 0
+  for record in _records(data_dir, "qa"):
+    scene = scenes.Scene.from_key(record["scenes"][0].decode())
+    text = tok.decode([i for i in builder(record)["input_ids"].tolist() if i not in (tok.pad_id, tok.bos_id, tok.eos_id)])
+    chunks = [c for c in text.split(data_lib.END_OF_CHUNK_TOKEN) if c]
+    asked = [c.split("Question: ")[1] for c in chunks]
+    assert asked[0] == f"{record['question'].decode()} Answer: {record['answer'].decode()}"
+    truths = {f"{q} Answer: {a}" for _, q, a in scenes.questions(scene)}
+    assert set(asked) <= truths  # every extra answer is the scene's
+    assert len(set(asked)) == len(asked) == min(4, len(truths))  # none twice, as many as there are
+    checked += 1
+  assert checked >= 5
+  with pytest.raises(ValueError, match="more_questions=-1; expected >= 0"):
+    lm_task.DescribingBuilder(tok, bucket, 1.0, seed=0, more_questions=-1)
+  # Captions (no question) get none.
+  caption = _records(data_dir, "captions")[0]
+  assert "Question" not in tok.decode(builder(caption)["input_ids"].tolist())

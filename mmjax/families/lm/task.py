@@ -62,11 +62,14 @@ class DescribingBuilder(data_lib.ExampleBuilder):
   after an image.
   """
 
-  def __init__(self, tokenizer: data_lib.Tokenizer, bucket: data_lib.Bucket, describe: float, seed: int):
+  def __init__(self, tokenizer: data_lib.Tokenizer, bucket: data_lib.Bucket, describe: float, seed: int,
+               more_questions: int = 0):
     super().__init__(tokenizer, bucket)
     if not 0.0 <= describe <= 1.0:
       raise ValueError(f"data.describe_images={describe}; expected a probability in [0, 1]")
-    self.describe, self.seed = describe, seed
+    if more_questions < 0:
+      raise ValueError(f"data.more_questions={more_questions}; expected >= 0")
+    self.describe, self.seed, self.more_questions = describe, seed, more_questions
 
   def _build_text(self, record: dict, record_id: str) -> dict:
     tok = self.tokenizer
@@ -79,10 +82,26 @@ class DescribingBuilder(data_lib.ExampleBuilder):
                        f"{len(keys)} scenes")
     rng = np.random.default_rng([self.seed, zlib.crc32(record_id.encode())])
     ids = tok.encode(pieces[0])
+    described = []
     for key, piece in zip(keys, pieces[1:]):
       if rng.random() < self.describe:
-        ids += tok.encode(scenes_lib.left_to_right(scenes_lib.Scene.from_key(key)))
+        described.append(scenes_lib.Scene.from_key(key))
+        ids += tok.encode(scenes_lib.left_to_right(described[-1]))
       ids += tok.encode(piece)
+    if len(keys) == 1 and described and record.get("question"):
+      # More questions about the one described scene, none asked twice: more answers to read
+      # per sequence, none of which an earlier answer gives away.
+      asked = {record["question"].decode() if isinstance(record["question"], bytes) else str(record["question"])}
+      for _ in range(self.more_questions):
+        left = [p for p in scenes_lib.questions(described[0]) if p[1] not in asked]
+        if not left:
+          break
+        kinds = sorted({k for k, _, _ in left})
+        kind = kinds[int(rng.integers(len(kinds)))]
+        of_kind = [p for p in left if p[0] == kind]
+        _, question, answer = of_kind[int(rng.integers(len(of_kind)))]
+        asked.add(question)
+        ids += tok.encode(data_lib.qa_prompt(question, answer).replace(data_lib.IMAGE_TOKEN, ""))
     if all(i == tok.end_of_chunk_id for i in ids):
       raise data_lib.BadRecordError(record_id, "empty_text", f"text {text[:80]!r} has no words")
     return self._sequence(([tok.bos_id] + ids + [tok.eos_id])[:self.bucket.text_length])
@@ -220,7 +239,8 @@ def lm_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> ba
   model = Model(cfg, bk.text_length)
   d = common.data_dir(config)
   describe = float(config.data.get("describe_images", 0.0))
-  builder = DescribingBuilder(tokenizer, bk, describe, int(config.seed)) if describe != 0 else None
+  builder = (DescribingBuilder(tokenizer, bk, describe, int(config.seed), int(config.data.get("more_questions", 0)))
+             if describe != 0 else None)
   train_data, val_data = common.pipelines(config, tokenizer, bk, builder=builder)
 
   def evaluate(params):
