@@ -209,9 +209,13 @@ def questions(scene: Scene) -> list[tuple[str, str, str]]:
 # out the rest; within a kind the question is drawn uniformly. The answers then follow the
 # scenes' statistics (most "how many circles?" have the answer 1): fine for the facts that
 # documents state, not for the question-answer split (see `sample_balanced_question`).
-def sample_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
-  """One (kind, question, answer) for the scene."""
-  pairs = questions(scene)
+def sample_question(scene: Scene, rng: np.random.Generator,
+                    exclude: frozenset[str] | set[str] = frozenset()) -> tuple[str, str, str] | None:
+  """One (kind, question, answer) for the scene, not one of the questions in `exclude`;
+  None when every question of the scene is excluded."""
+  pairs = [p for p in questions(scene) if p[1] not in exclude]
+  if not pairs:
+    return None
   kinds = sorted({k for k, _, _ in pairs})
   kind = kinds[int(rng.integers(len(kinds)))]
   of_kind = [p for p in pairs if p[0] == kind]

@@ -93,13 +93,10 @@ class DescribingBuilder(data_lib.ExampleBuilder):
       # per sequence, none of which an earlier answer gives away.
       asked = {record["question"].decode() if isinstance(record["question"], bytes) else str(record["question"])}
       for _ in range(self.more_questions):
-        left = [p for p in scenes_lib.questions(described[0]) if p[1] not in asked]
-        if not left:
+        drawn = scenes_lib.sample_question(described[0], rng, exclude=asked)
+        if drawn is None:
           break
-        kinds = sorted({k for k, _, _ in left})
-        kind = kinds[int(rng.integers(len(kinds)))]
-        of_kind = [p for p in left if p[0] == kind]
-        _, question, answer = of_kind[int(rng.integers(len(of_kind)))]
+        _, question, answer = drawn
         asked.add(question)
         ids += tok.encode(data_lib.qa_prompt(question, answer).replace(data_lib.IMAGE_TOKEN, ""))
     if all(i == tok.end_of_chunk_id for i in ids):
