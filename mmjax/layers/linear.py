@@ -3,6 +3,14 @@
 Every projection in mmjax is an ``nn.DenseGeneral`` whose kernel and bias are created
 with ``nn.with_logical_partitioning``, so that a rule list (``mmjax.sharding``) can place
 them on a mesh without the model knowing the mesh.
+
+The projection multiplies 2-D matrices: the dimensions it does not contract ([B, T] of a
+[B, T, D] activation) are merged into one before the product and split after it. The
+parameters, their names and the result are those of ``nn.DenseGeneral``; what changes is the
+compiled program. XLA:CPU copies a 3-D activation into a transposed layout before each
+weight-gradient product and does not for a 2-D one (issue 20: one feed-forward block 21.5-23.2
+ms with 3-D activations, 11.4-13.8 ms flattened, on 2 cores); docs/benchmarks.md has the
+measured effect on a whole train step and on the TPU fit table.
 """
 
 from __future__ import annotations
@@ -32,6 +40,20 @@ class _FlatKernelBox(nn.LogicallyPartitioned):
     return super().unbox(apply_constraint=apply_constraint and rank_ok)
 
 
+class _Dense(nn.DenseGeneral):
+  """nn.DenseGeneral with the non-contracted leading dimensions merged around the product."""
+
+  def __call__(self, inputs):
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    n = len(axis)
+    # Only trailing axes named from the end: a merge would renumber any other.
+    if self.batch_dims or sorted(axis) != list(range(-n, 0)) or inputs.ndim - n < 2:
+      return super().__call__(inputs)
+    lead = inputs.shape[:inputs.ndim - n]
+    out = super().__call__(inputs.reshape((-1,) + inputs.shape[inputs.ndim - n:]))
+    return out.reshape(lead + out.shape[1:])
+
+
 def _logical_init(init, names):
   def wrapper(*args, **kwargs):
     return _FlatKernelBox(init(*args, **kwargs), names)
@@ -49,7 +71,7 @@ def dense(
     bias_init=nn.initializers.zeros,
     name: str | None = None,
 ) -> nn.DenseGeneral:
-  """An nn.DenseGeneral with logically named kernel (in axes + out axes) and bias (out axes).
+  """An nn.DenseGeneral (flattened around its product, above) with logically named kernel (in axes + out axes) and bias (out axes).
 
   ``kernel_axes`` names the contracted input dimensions followed by the output
   dimensions, e.g. ``("embed", "heads", "kv")`` for a query projection D -> H x K.
@@ -58,7 +80,7 @@ def dense(
   n_out = 1 if isinstance(features, int) else len(features)
   # nn.DenseGeneral initialises a multi-axis kernel through a flattened 2-D shape, so
   # fan-in/fan-out are those of the flattened matrix, as in a torch nn.Linear.
-  return nn.DenseGeneral(
+  return _Dense(
       features=features,
       axis=axis,
       use_bias=use_bias,

@@ -116,3 +116,34 @@ def test_qk_norm_over_each_head_or_the_whole_width_matches_a_float64_reference(s
                    p["out"]["kernel"])
   assert params["query_norm"]["scale"].shape == ((h * k,) if scope == "width" else (k,))
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("features,axis,shape", [
+    (12, -1, (2, 3, 8)),  # [B, T, D] -> [B, T, F]: merged to [6, 8]
+    ((4, 3), -1, (2, 3, 5, 8)),  # [B, T, N, D] -> [B, T, N, H, K]
+    (7, (-2, -1), (2, 3, 4, 8)),  # attention's output projection: [B, T, H, K] -> [B, T, D]
+    (7, -1, (5, 8)),  # already 2-D: nothing to merge
+    (7, 1, (2, 8, 3)),  # a middle axis named from the front: left as nn.DenseGeneral has it
+])
+def test_the_shared_dense_layer_is_nn_dense_general_with_its_leading_dimensions_merged(features, axis, shape):
+  """`dense` merges the non-contracted leading dimensions around its product (an XLA:CPU
+  layout matter); parameters, values and gradients are nn.DenseGeneral's, against float64."""
+  from mmjax.layers import linear
+  n_out = 1 if isinstance(features, int) else len(features)
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  names = ("embed",) * n_in + ("mlp",) * n_out
+  ours = linear.dense(features, names, axis=axis, use_bias=True)
+  theirs = nn.DenseGeneral(features, axis=axis, use_bias=True)
+  x = jnp.asarray(RNG.standard_normal(shape), jnp.float32)
+  params = nn.unbox(ours.init(jax.random.key(0), x))
+  reference = theirs.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference)
+  kernel = np.asarray(params["params"]["kernel"], np.float64)
+  bias = np.asarray(params["params"]["bias"], np.float64)
+  axes = [a % len(shape) for a in ((axis,) if isinstance(axis, int) else axis)]
+  expected = np.tensordot(np.asarray(x, np.float64), kernel, axes=(axes, list(range(n_in)))) + bias
+  np.testing.assert_allclose(ours.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+  cotangent = jnp.asarray(RNG.standard_normal(expected.shape), jnp.float32)
+  grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * cotangent), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(theirs))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
