@@ -122,3 +122,20 @@ def test_more_questions_ask_other_questions_of_the_same_scene_with_their_answers
   # Captions (no question) get none.
   caption = _records(data_dir, "captions")[0]
   assert "Question" not in tok.decode(builder(caption)["input_ids"].tolist())
+
+
+def test_without_caption_loss_exactly_the_captions_tokens_leave_the_loss(data_dir):
+  tok = builders.load_tokenizer(data_dir)
+  bucket = data_lib.Bucket(max_images=0, text_length=64)
+  with_loss = lm_task.DescribingBuilder(tok, bucket, 1.0, seed=0, more_questions=2)
+  without = lm_task.DescribingBuilder(tok, bucket, 1.0, seed=0, more_questions=2, caption_loss=False)
+  for record in _records(data_dir, "qa"):
+    a, b = with_loss(record), without(record)
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    np.testing.assert_array_equal(a["targets"], b["targets"])
+    caption = tok.encode(scenes.left_to_right(scenes.Scene.from_key(record["scenes"][0].decode())))
+    start = len(tok.encode(record["text"].decode().split(data_lib.IMAGE_TOKEN)[0]))  # the caption's first target
+    np.testing.assert_array_equal(a["targets"][start:start + len(caption)], caption)
+    dropped = np.flatnonzero(a["loss_mask"] != b["loss_mask"])
+    np.testing.assert_array_equal(dropped, np.arange(start, start + len(caption)))
+    assert (b["loss_mask"][dropped] == 0).all() and b["loss_mask"].sum() > 0

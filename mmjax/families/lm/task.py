@@ -8,7 +8,9 @@ circle and a blue square.Question: what colour is the rightmost shape? Answer: b
 trained on only the embedded text never needs what precedes a question (nothing there says
 what the image holds), and learns to ignore it; one trained on described images learns to
 read the description, which is what a frozen LM behind a bridge (BLIP-2's stage 2) has to
-do with the query outputs that replace it.
+do with the query outputs that replace it. `data.caption_loss` (default true): false leaves
+the captions' own tokens out of the loss (a random scene's caption cannot be predicted; the
+LM has to read it, not guess it), so the loss is on the text around them and the answers.
 
 `config.model` is {"family": "lm", "decoder": every DecoderConfig field}; the vocabulary
 size comes from the tokenizer and the compute dtype from `config.mixed_precision`.
@@ -63,13 +65,14 @@ class DescribingBuilder(data_lib.ExampleBuilder):
   """
 
   def __init__(self, tokenizer: data_lib.Tokenizer, bucket: data_lib.Bucket, describe: float, seed: int,
-               more_questions: int = 0):
+               more_questions: int = 0, caption_loss: bool = True):
     super().__init__(tokenizer, bucket)
     if not 0.0 <= describe <= 1.0:
       raise ValueError(f"data.describe_images={describe}; expected a probability in [0, 1]")
     if more_questions < 0:
       raise ValueError(f"data.more_questions={more_questions}; expected >= 0")
     self.describe, self.seed, self.more_questions = describe, seed, more_questions
+    self.caption_loss = caption_loss
 
   def _build_text(self, record: dict, record_id: str) -> dict:
     tok = self.tokenizer
@@ -82,11 +85,13 @@ class DescribingBuilder(data_lib.ExampleBuilder):
                        f"{len(keys)} scenes")
     rng = np.random.default_rng([self.seed, zlib.crc32(record_id.encode())])
     ids = tok.encode(pieces[0])
-    described = []
+    described, captions = [], []  # captions: [start, end) of each caption's ids in `ids`
     for key, piece in zip(keys, pieces[1:]):
       if rng.random() < self.describe:
         described.append(scenes_lib.Scene.from_key(key))
+        start = len(ids)
         ids += tok.encode(scenes_lib.left_to_right(described[-1]))
+        captions.append((start, len(ids)))
       ids += tok.encode(piece)
     if len(keys) == 1 and described and record.get("question"):
       # More questions about the one described scene, none asked twice: more answers to read
@@ -101,7 +106,12 @@ class DescribingBuilder(data_lib.ExampleBuilder):
         ids += tok.encode(data_lib.qa_prompt(question, answer).replace(data_lib.IMAGE_TOKEN, ""))
     if all(i == tok.end_of_chunk_id for i in ids):
       raise data_lib.BadRecordError(record_id, "empty_text", f"text {text[:80]!r} has no words")
-    return self._sequence(([tok.bos_id] + ids + [tok.eos_id])[:self.bucket.text_length])
+    example = self._sequence(([tok.bos_id] + ids + [tok.eos_id])[:self.bucket.text_length])
+    if not self.caption_loss:
+      # ids[i] is the target at position i (the sequence starts with BOS).
+      for start, end in captions:
+        example["loss_mask"][start:end] = 0.0
+    return example
 
 
 def reading_accuracy(config: ml_collections.ConfigDict, cfg: lm.LMConfig, tokenizer: data_lib.Tokenizer,
@@ -236,7 +246,8 @@ def lm_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> ba
   model = Model(cfg, bk.text_length)
   d = common.data_dir(config)
   describe = float(config.data.get("describe_images", 0.0))
-  builder = (DescribingBuilder(tokenizer, bk, describe, int(config.seed), int(config.data.get("more_questions", 0)))
+  builder = (DescribingBuilder(tokenizer, bk, describe, int(config.seed), int(config.data.get("more_questions", 0)),
+                               bool(config.data.get("caption_loss", True)))
              if describe != 0 else None)
   train_data, val_data = common.pipelines(config, tokenizer, bk, builder=builder)
 
