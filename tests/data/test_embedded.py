@@ -5,6 +5,7 @@ import hashlib
 import time
 
 import numpy as np
+import pytest
 
 from mmjax.data import builders, qa, scenes
 from mmjax.data.preprocess import decode_image
@@ -92,6 +93,7 @@ def test_answers_cannot_be_predicted_from_the_question_text_alone(data_dir):
   assert _text_only_accuracy(train, val) < 0.33
 
 
+@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_balanced_questions_spread_each_kind_evenly_over_its_answers():
   rng = np.random.default_rng(0)
   drawn = [scenes.sample_balanced_question(rng, 64) for _ in range(7000)]

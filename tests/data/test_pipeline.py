@@ -88,6 +88,7 @@ def test_restoring_the_state_after_k_batches_continues_exactly(data_dir):
   _assert_same(uninterrupted[k:], _take(resumed, more))
 
 
+@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_two_worker_processes_give_the_in_process_batches_and_resume_exactly(data_dir):
   # One test for both properties: starting worker processes is the slow part.
   k, more = 4, 3

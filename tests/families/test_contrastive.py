@@ -138,6 +138,7 @@ def test_the_sharded_train_step_on_8_devices_equals_the_single_device_step(loss,
   assert want[0] == pytest.approx(float(ref), rel=1e-5)
 
 
+@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_initial_temperature_and_bias_are_the_papers():
   clip = contrastive.ContrastiveModel(_small_config("softmax"))
   siglip = contrastive.ContrastiveModel(_small_config("sigmoid"))

@@ -126,6 +126,7 @@ def _per_example_loss(logits, batch):
   return nll * batch["loss_mask"]
 
 
+@pytest.mark.slow  # 13-14 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_packed_conversations_give_the_unpacked_losses_and_attend_only_within_their_segment(monkeypatch):
   cfg, module = _model(False)
   p = cfg.tokens_per_slot
@@ -230,6 +231,7 @@ def data_dir(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_stage_two_trains_evaluates_and_answers_from_the_shipped_config(data_dir, tmp_path, capsys):
   wd = str(tmp_path / "stage2")
   # With length buckets: the questions (29 tokens) and captions (up to 48) make batches of

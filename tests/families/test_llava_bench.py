@@ -18,6 +18,7 @@ SMALL = ["--config.data.image_size=16", "--config.model.vision.image_size=16",
          "--config.model.vision.depth=1", "--config.model.decoder.depth=1"]
 
 
+@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_packing_bench_reports_both_arms_and_more_real_tokens_per_packed_step(tmp_path):
   data_dir = tmp_path / "data"
   builders.build_embedded(str(data_dir), size=40, image_size=16, seed=0)

@@ -68,6 +68,7 @@ def test_greedy_cached_generation_gives_the_tokens_of_step_by_step_full_forward_
   assert got.lengths.tolist() == [steps, steps]
 
 
+@pytest.mark.slow  # 13-14 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_prefill_and_decode_compile_once_per_bucket_however_many_tokens_are_generated(params):
   """And whatever the sampling method: its settings are traced inputs."""
   images, ids, lengths, image_mask = _prompts()

@@ -23,6 +23,7 @@ def test_unknown_topologies_are_reported_not_crashed_on(capsys):
     compile_cli.parse_mesh("fsdp")
 
 
+@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_compile_tiny_for_v5e_2x2_prints_per_chip_memory_that_fits(capsys, tmp_path):
   out = tmp_path / "fit.jsonl"
   code = compile_cli.main(["--config", "configs/flamingo/tiny.py", "--topology", "v5e:2x2", "--batch", "8",

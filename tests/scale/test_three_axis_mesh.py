@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mmjax import sharding as sh
 from mmjax.families.flamingo import task
@@ -24,6 +25,7 @@ def _loss(model):
   return loss
 
 
+@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_flamingo_gradients_on_a_three_axis_mesh_equal_the_single_device_gradients():
   gate = 0.5  # open gates, so the vision tower and resampler get real gradients
   boxed, state, _, _ = small_flamingo.build(gate_init=gate)

@@ -47,6 +47,7 @@ def _wait_for_step(proc, workdir, step, timeout=240):
   raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
+@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_a_run_killed_at_a_random_step_resumes_with_bitwise_identical_losses(tmp_path):
   overrides = ["--config.train.num_steps=40", "--config.checkpoint.every_steps=4"]
   ref = tmp_path / "reference"

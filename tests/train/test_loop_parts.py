@@ -6,6 +6,7 @@ import signal
 
 import jax
 import numpy as np
+import pytest
 
 from mmjax.train import loop
 from mmjax.train import metrics as metrics_lib
@@ -33,6 +34,7 @@ def test_blanking_zeroes_every_pixel_and_leaves_the_text_and_the_callers_batch_a
   assert all(blanked[k] is batch[k] for k in batch if k != "images")
 
 
+@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_a_sigterm_during_an_evaluation_saves_that_step_and_resumes_bitwise(tmp_path):
   # The signal arrives while the validation data is read (outside the data loader's
   # interruptible section), so the loop sees it at the end of the step that evaluated:

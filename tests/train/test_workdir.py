@@ -161,6 +161,7 @@ def test_a_second_training_is_refused_naming_the_holder(tmp_path):
   assert loop.train(c, str(tmp_path), toy.task(c))["step"] == 5  # released on exit
 
 
+@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_two_trainings_on_one_directory_one_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
   wd = str(tmp_path)
   overrides = ["--config.train.num_steps=100000", "--config.checkpoint.every_steps=3"]
