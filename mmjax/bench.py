@@ -1,7 +1,8 @@
 """`mmjax bench <what>`: benchmarks. Sub-verbs: ``attention`` (kernels vs XLA and cuDNN),
 ``contrastive`` (memory of the contrastive losses; see ``contrastive_main``), ``packing``
 (LLaVA training throughput with conversations packed several to a row or one per row; see
-``packing_main``).
+``packing_main``), ``step`` (the train step of any config, beside the PyTorch original:
+`mmjax.bench_step`).
 
 ``mmjax bench attention`` sweeps sequence length (512 to 8192), the Flamingo
 cross-attention shapes (text length x images x latents), head dim, causal or not and
@@ -33,6 +34,8 @@ import pathlib
 import platform
 import sys
 import time
+
+from mmjax import bench_step
 
 # Dense bf16 peak TFLOP/s per device kind (datasheets; never the sparse figure).
 PEAK_TFLOPS = {
@@ -538,75 +541,14 @@ def _batch_counts(batch: dict) -> dict[str, float]:
           "most_images_in_a_row": float(np.asarray(batch["image_mask"]).sum(axis=-1).max())}
 
 
-@dataclasses.dataclass
-class _PackingArm:
-  """One arm of `mmjax bench packing`: the trainer's jitted step over its own batches."""
-  name: str
-  max_slots: int
-  step_fn: object
-  state: object
-  batches: list  # on the mesh, rounds x steps of them, timed in order
-  counts: list[dict]  # `_batch_counts` of each timed batch
-  compile_s: float  # the first step; with length buckets, the first step of each length
-  data_s_per_batch: float  # host pipeline, drawn before any timing
-  seconds: list[float] = dataclasses.field(default_factory=list)  # per round
-  # A copy of the freshly initialised state, for the other arm to start from (None once taken).
-  fresh_state: object = None
-
-  def time_round(self, steps: int) -> None:
-    import jax
-    start = len(self.seconds) * steps
-    began = time.perf_counter()
-    for batch in self.batches[start:start + steps]:
-      self.state, _ = self.step_fn(self.state, batch)
-    jax.block_until_ready(self.state)
-    self.seconds.append(time.perf_counter() - began)
+# The packing arms are `mmjax bench step`'s arms over LLaVA batches, counted the packing way.
+_PackingArm = bench_step.StepArm
+_spread = bench_step.spread
 
 
 def _packing_arm(name: str, config, batches_needed: int, initial_state=None) -> _PackingArm:
-  """The task of `config` and the trainer's own jitted step for its first freeze stage
-  (`mmjax.train.loop`'s plan, so the step is the one `mmjax train` runs), compiled and warmed
-  up on a batch that is not timed. The state: `initial_state` (the other arm's fresh one,
-  the parameters do not depend on packing), else the loop's fresh init, a copy kept for the
-  other arm."""
-  import jax
-  from mmjax import families
-  from mmjax.train import loop
-  task = families.of_config(config).task(config, None)
-  # The loop's own plan and initial state: the same mesh, shardings, optimizer, freezing and
-  # step as a training run (a second trainer here would measure something else).
-  plan = loop._plan(config, task)  # pylint: disable=protected-access
-  data = iter(task.train_data())
-  began = time.perf_counter()
-  host = [loop.prepare_batch(config, next(data)) for _ in range(batches_needed + 1)]
-  data_s = (time.perf_counter() - began) / len(host)
-  fresh = None
-  if initial_state is None:
-    initial_state = loop._initial_state(plan)  # pylint: disable=protected-access
-    # A copy, not the same buffers: off CPU the step donates the state it is given.
-    fresh = jax.device_put(initial_state, may_alias=False)
-  state = initial_state
-  step_fn = plan.build_step(0, plan.put.global_shape(host[0]))
-  placed = [plan.put(batch) for batch in host]
-  # One compile per batch shape (length buckets give several), none inside the timed rounds.
-  first_of_shape = {}
-  for batch in placed:
-    first_of_shape.setdefault(batch["input_ids"].shape, batch)
-  began = time.perf_counter()
-  for batch in first_of_shape.values():
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - began
-  state, metrics = step_fn(state, placed[0])  # warm: the first timed step pays nothing extra
-  jax.block_until_ready(metrics)
-  return _PackingArm(name=name, max_slots=int(config.data.max_slots), step_fn=step_fn, state=state,
-                     batches=placed[1:], counts=[_batch_counts(b) for b in host[1:]], compile_s=compile_s,
-                     data_s_per_batch=data_s, fresh_state=fresh)
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-  import numpy as np
-  return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
+  """`bench_step.step_arm` with each batch counted by `_batch_counts` (real tokens, conversations)."""
+  return bench_step.step_arm(name, config, batches_needed, initial_state=initial_state, count=_batch_counts)
 
 
 RATE_NAMES = ("steps_per_s", "padded_tokens_per_s", "real_tokens_per_s", "loss_tokens_per_s",
@@ -813,6 +755,7 @@ VERBS = {
     "attention": (attention_main, "attention kernels vs the XLA reference (and cuDNN on GPU)"),
     "contrastive": (contrastive_main, "memory of the chunked SigLIP loss vs the gathered one"),
     "packing": (packing_main, "LLaVA train-step tokens/s with conversations packed vs one per row"),
+    "step": (bench_step.main, "the trainer's train step of any config (--compare: the PyTorch original)"),
 }
 
 

@@ -24,6 +24,7 @@ LAYERS = (
     ("zoo",),
     ("train",),
     ("scale",),
+    ("bench_step",),
     ("bench", "configs"),
     ("cli", "__init__"),
     ("__main__",),

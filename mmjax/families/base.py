@@ -137,6 +137,10 @@ class Family:
   decoding: Callable[[Any], Any] | None = None
   # {source name: (state_dict, model config) -> params}: imports of published weights.
   importers: Mapping[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
+  # {name: (experiment config, its Task, host batches, trainable components) -> a timed arm of the PyTorch original
+  # at the config's sizes and recipe}: what `mmjax bench step --compare NAME` runs beside
+  # mmjax's step (the arm's interface: `mmjax.bench_step`'s module docstring); empty: none.
+  originals: Mapping[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
 
   def check_preset(self, name: str) -> None:
     """Raises ValueError if `name` is not one of this family's presets."""

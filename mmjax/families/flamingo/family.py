@@ -20,6 +20,7 @@ from mmjax.families.flamingo import flops as flops_lib
 from mmjax.families.flamingo import gates
 from mmjax.families.flamingo import generation
 from mmjax.families.flamingo import model as flamingo
+from mmjax.families.flamingo import original
 from mmjax.families.flamingo import presets as presets_lib
 from mmjax.families.flamingo import task as task_lib
 
@@ -88,4 +89,5 @@ FAMILY = base.Family(name="flamingo", components=COMPONENTS, config_class=flamin
                      presets=presets_lib.presets, task=task_lib.flamingo_task, abstract=abstract,
                      override=presets_lib.override, upgrade_model=flamingo.upgrade_model_dict,
                      decoding=generation.decoding,
-                     importers={"open_flamingo": convert.flamingo_from_state_dict})
+                     importers={"open_flamingo": convert.flamingo_from_state_dict},
+                     originals={"open_flamingo": original.open_flamingo_arm})
