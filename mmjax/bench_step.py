@@ -229,7 +229,8 @@ def _markdown(runs: list[dict]) -> str:
            "trainer's own jitted step (`mmjax.train.loop`'s plan: mesh, optimizer, freezing as `mmjax train`), "
            "compiles it (compile s, apart) and warms it up on an untimed batch, then times rounds of the same "
            "number of steps on batches drawn beforehand from the real pipeline. Figures are medians over rounds, "
-           "[min, max] beside; tokens are padded (B x T). XLA FLOPs: `compiled.cost_analysis()` of one step; "
+           "[min, max] beside; tokens are padded (B x T). Counted FLOPs: `compiled.cost_analysis()` of one "
+           "step for mmjax, `torch.utils.flop_counter` of one step for a PyTorch original; "
            "model FLOPs: the family's analytic count (`Task.flops_per_example` x batch); MFU: model FLOPs/s over "
            "the device's dense peak (n/a where unknown, as on CPU). With a comparison, rounds alternate (mmjax "
            "first in odd rounds) and the ratio mmjax / original is taken per round.", ""]
@@ -237,11 +238,12 @@ def _markdown(runs: list[dict]) -> str:
     m, a = run["meta"], run["mmjax"]
     title = f"## {m['config']}" + (f" --size {m['size']}" if m["size"] else "")
     lines += [title + (f" ({' '.join(m['overrides'])})" if m["overrides"] else ""), "",
-              f"{m['date']}; {m['machine']}; jax {m['jax']}" + (f", torch {m['torch']}" if m.get("torch") else "")
+              f"{m['date']}; {m['machine']}; jax {m['jax']}"
+              + (f", torch {m['torch']} ({run['original']['threads']} threads)" if m.get("torch") else "")
               + f" on {m['device']}; B={m['batch']}, T={m['text_length']}; {m['rounds']} rounds x {m['steps']} "
               f"steps; load average (1 min) {m['load_before'][0]} at the start, {m['load_after'][0]} at the end"
               + (" (the machine was shared with other work)" if m["shared"] else "") + f"; {m['wall_s']:.0f} s in all.",
-              "", "| arm | s/step | samples/s | tokens/s | compile s | XLA GFLOP/step | model GFLOP/step | MFU "
+              "", "| arm | s/step | samples/s | tokens/s | compile s | counted GFLOP/step | model GFLOP/step | MFU "
               "| temp MiB | argument MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     mib = lambda b: _fmt(None if b is None else b / 2**20, ".1f")
     gflop = lambda f: _fmt(None if f is None else f / 1e9, ".2f")
@@ -352,7 +354,7 @@ def main(argv: list[str]) -> int:
   if original is not None:
     o = _summary(original.seconds, args.steps, arm.counts, original.compile_s)
     o.update(name=args.compare, flops=original.flops, differences=original.differences,
-             trainable_parameters=original.trainable_parameters)
+             trainable_parameters=original.trainable_parameters, threads=original.torch_threads)
     per_round = [m["samples_per_s"] / t["samples_per_s"] for m, t in zip(summary["rounds"], o["rounds"])]
     run.update(original=o, ratio={**spread(per_round), "rounds": per_round})
   load_after = [round(x, 2) for x in os.getloadavg()]

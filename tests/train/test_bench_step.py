@@ -56,7 +56,7 @@ def test_bench_step_times_flamingo_beside_open_flamingo_in_alternating_rounds(tm
   _assert_consistent(original, 2, 2)
   assert mmjax_arm["xla_flops"] > 0 and mmjax_arm["model_flops"] > 0 and mmjax_arm["mfu"] is None  # CPU: no peak
   assert mmjax_arm["temp_bytes"] > 0 and mmjax_arm["argument_bytes"] > 0
-  assert original["flops"] > 0 and original["trainable_parameters"] > 0
+  assert original["flops"] > 0 and original["trainable_parameters"] > 0 and original["threads"] >= 1
   # The tiny preset's resampler is not open_flamingo's fixed one: the difference is reported.
   assert any(d.startswith("resampler.depth=2") for d in original["differences"])
   assert run["ratio"]["rounds"] == pytest.approx(

@@ -156,6 +156,9 @@ class OpenFlamingoArm:
   differences: list[str]
   trainable_parameters: int
   torch_version: str
+  # torch's intra-op threads (its default: one per core). On a shared machine, threads that
+  # wait on a busy core cost far more than in XLA: time with the load average in view.
+  torch_threads: int
   compile_s: float = 0.0  # torch compiles nothing: the first (untimed) step, as mmjax's
   flops: float | None = None  # torch.utils.flop_counter's count of one step
   seconds: list[float] = dataclasses.field(default_factory=list)
@@ -222,4 +225,4 @@ def open_flamingo_arm(config: ml_collections.ConfigDict, task, host_batches: lis
   batches = [to_torch(b) for b in host_batches]
   return OpenFlamingoArm(name="open_flamingo", step=step, batches=batches, warm_batch=batches[0],
                          differences=differences(cfg), trainable_parameters=sum(p.numel() for p in params),
-                         torch_version=torch.__version__)
+                         torch_version=torch.__version__, torch_threads=torch.get_num_threads())
