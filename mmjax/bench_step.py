@@ -54,7 +54,7 @@ _MATCH_OPEN_ORIGINAL = (
     "--config.model.xattn_num_heads=8",
     "--config.model.xattn_head_dim=64", "--config.model.xattn_ff_mult=4",
     "--config.freeze.stages=0:resampler,xattn", "--config.data.num_images=2", "--config.data.mixture=",
-    "--config.data.batch_size=8", "--config.mesh.num_devices=1")
+    "--config.data.batch_size=8")
 SIZES = {
     # batch 8, 64 tokens, 2 images of 32 px patch 8, vision 2 x 128, LM 4 x 256, xattn every layer.
     "issue20-small": _MATCH_OPEN_ORIGINAL + (
@@ -164,16 +164,18 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def compiled_analysis(arm: StepArm) -> dict:
-  """XLA's FLOPs of one compiled step and its memory (bytes), None where the backend does
-  not say. Lowered and compiled again ahead of time: the jit call path keeps no handle on
-  its executable."""
+  """XLA's FLOPs of one compiled step over the whole mesh (the partitioned program's count
+  times its devices) and its memory per device (bytes), None where the backend does not
+  say. Lowered and compiled again ahead of time: the jit call path keeps no handle on its
+  executable."""
   import jax
   compiled = arm.step_fn.lower(arm.state, arm.batches[0]).compile()
-  out = {"xla_flops": None, "temp_bytes": None, "argument_bytes": None, "output_bytes": None}
+  devices = arm.plan.mesh.devices.size if arm.plan is not None else 1
+  out = {"xla_flops": None, "temp_bytes": None, "argument_bytes": None, "output_bytes": None, "devices": devices}
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out["xla_flops"] = float(cost["flops"]) if cost and "flops" in cost else None
+    out["xla_flops"] = float(cost["flops"]) * devices if cost and "flops" in cost else None
   except (NotImplementedError, jax.errors.JaxRuntimeError):
     pass
   try:
@@ -230,7 +232,7 @@ def _markdown(runs: list[dict]) -> str:
            "compiles it (compile s, apart) and warms it up on an untimed batch, then times rounds of the same "
            "number of steps on batches drawn beforehand from the real pipeline. Figures are medians over rounds, "
            "[min, max] beside; tokens are padded (B x T). Counted FLOPs: `compiled.cost_analysis()` of one "
-           "step for mmjax, `torch.utils.flop_counter` of one step for a PyTorch original; "
+           "step for mmjax (the partitioned program's count times the mesh's devices; memory is per device), `torch.utils.flop_counter` of one step for a PyTorch original; "
            "model FLOPs: the family's analytic count (`Task.flops_per_example` x batch); MFU: model FLOPs/s over "
            "the device's dense peak (n/a where unknown, as on CPU). With a comparison, rounds alternate (mmjax "
            "first in odd rounds) and the ratio mmjax / original is taken per round.", ""]
@@ -312,6 +314,8 @@ def main(argv: list[str]) -> int:
   from mmjax import families
   from mmjax.train import config as config_lib
   from mmjax.train import flops as flops_lib
+  from mmjax.train import loop
+  loop.use_cpu_cores()  # the host devices `mmjax train` would have (a device per core on CPU)
   data_dir = os.path.abspath(os.path.expanduser(args.data_dir or data_lib.default_data_dir()))
   config = config_lib.load_config(args.config, [*SIZES.get(args.size, ()), *overrides,
                                                 f"--config.data.dir={data_dir}"])
@@ -348,7 +352,7 @@ def main(argv: list[str]) -> int:
                  if arm.plan.task.flops_per_example else None)
   model_flops = None if per_example is None else per_example * batch
   mfu = (None if model_flops is None or peak is None
-         else model_flops / summary["seconds_per_step"]["median"] / (peak * jax.device_count()))
+         else model_flops / summary["seconds_per_step"]["median"] / (peak * arm.plan.mesh.devices.size))
   summary.update(analysis, model_flops=model_flops, mfu=mfu, peak_flops_per_device=peak)
   run = {"mmjax": summary}
   if original is not None:
@@ -360,7 +364,7 @@ def main(argv: list[str]) -> int:
   load_after = [round(x, 2) for x in os.getloadavg()]
   run["meta"] = {
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "machine": _machine(), "device": f"{jax.device_count()} x {device.platform}: {device.device_kind}",
+      "machine": _machine(), "device": f"{arm.plan.mesh.devices.size} x {device.platform}: {device.device_kind}",
       "jax": jax.__version__, "torch": original.torch_version if original is not None else None,
       "config": args.config, "size": args.size, "size_overrides": list(SIZES.get(args.size, ())),
       "overrides": overrides, "family": family.name, "batch": batch,

@@ -22,7 +22,10 @@ def _train(argv):
   # Join a multi-process job (`mmjax launch local|tpu`) before anything touches a device;
   # a no-op for a single process.
   from mmjax.scale import distributed
-  distributed.maybe_initialize()
+  if not distributed.maybe_initialize():
+    # One process on a CPU machine: a host device per core, so the batch splits over them.
+    from mmjax.train import loop
+    loop.use_cpu_cores()
   from mmjax.train import cli
   return cli.train_main(argv)
 
