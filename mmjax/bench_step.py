@@ -54,7 +54,7 @@ _MATCH_OPEN_ORIGINAL = (
     "--config.model.xattn_num_heads=8",
     "--config.model.xattn_head_dim=64", "--config.model.xattn_ff_mult=4",
     "--config.freeze.stages=0:resampler,xattn", "--config.data.num_images=2", "--config.data.mixture=",
-    "--config.data.batch_size=8")
+    "--config.data.batch_size=8", "--config.mesh.num_devices=1")
 SIZES = {
     # batch 8, 64 tokens, 2 images of 32 px patch 8, vision 2 x 128, LM 4 x 256, xattn every layer.
     "issue20-small": _MATCH_OPEN_ORIGINAL + (
@@ -232,7 +232,8 @@ def _markdown(runs: list[dict]) -> str:
            "compiles it (compile s, apart) and warms it up on an untimed batch, then times rounds of the same "
            "number of steps on batches drawn beforehand from the real pipeline. Figures are medians over rounds, "
            "[min, max] beside; tokens are padded (B x T). Counted FLOPs: `compiled.cost_analysis()` of one "
-           "step for mmjax (the partitioned program's count times the mesh's devices; memory is per device), `torch.utils.flop_counter` of one step for a PyTorch original; "
+           "step for mmjax (the partitioned program's count times the mesh's devices; memory is per device), "
+           "`torch.utils.flop_counter` of one step for a PyTorch original; "
            "model FLOPs: the family's analytic count (`Task.flops_per_example` x batch); MFU: model FLOPs/s over "
            "the device's dense peak (n/a where unknown, as on CPU). With a comparison, rounds alternate (mmjax "
            "first in odd rounds) and the ratio mmjax / original is taken per round.", ""]
@@ -314,8 +315,6 @@ def main(argv: list[str]) -> int:
   from mmjax import families
   from mmjax.train import config as config_lib
   from mmjax.train import flops as flops_lib
-  from mmjax.train import loop
-  loop.use_cpu_cores()  # the host devices `mmjax train` would have (a device per core on CPU)
   data_dir = os.path.abspath(os.path.expanduser(args.data_dir or data_lib.default_data_dir()))
   config = config_lib.load_config(args.config, [*SIZES.get(args.size, ()), *overrides,
                                                 f"--config.data.dir={data_dir}"])

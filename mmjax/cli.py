@@ -22,10 +22,7 @@ def _train(argv):
   # Join a multi-process job (`mmjax launch local|tpu`) before anything touches a device;
   # a no-op for a single process.
   from mmjax.scale import distributed
-  if not distributed.maybe_initialize():
-    # One process on a CPU machine: a host device per core, so the batch splits over them.
-    from mmjax.train import loop
-    loop.use_cpu_cores()
+  distributed.maybe_initialize()
   from mmjax.train import cli
   return cli.train_main(argv)
 

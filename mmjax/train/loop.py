@@ -56,63 +56,12 @@ class TrainingDiverged(MmjaxError, RuntimeError):
   """The loss or gradient norm was not finite (and `train.nan_policy == 'stop'`)."""
 
 
-# At most this many host devices by `use_cpu_cores` (more than the 2 cores measured is untested).
-MAX_CPU_CORE_DEVICES = 8
-# Set by `use_cpu_cores` when it chose the host device count (so the mesh may use fewer).
-_cpu_cores_chosen = False
-
-
-def use_cpu_cores() -> int | None:
-  """Gives JAX's CPU backend one device per usable core (at most `MAX_CPU_CORE_DEVICES`), so
-  that on a machine without an accelerator `mmjax train`'s mesh splits each batch over the
-  cores: XLA:CPU runs each device's program on its own thread, where one device's ops
-  leave the second core mostly idle (docs/training.md, "Both cores": issue 20's OpenFlamingo
-  size trains 1.2x faster on 2 cores). Returns the count, or None where it chose nothing:
-  the user set the count (`--xla_force_host_platform_device_count` in XLA_FLAGS, or
-  `jax_num_cpu_devices`), this process is part of a multi-process job, one core is all
-  there is, or JAX's backends have already started. An accelerator's devices are not
-  affected (the CPU devices then go unused). Must run before anything touches a device.
-  """
-  global _cpu_cores_chosen
-  if ("--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
-      or jax.config.jax_num_cpu_devices >= 0 or os.environ.get("JAX_NUM_CPU_DEVICES")):
-    return None
-  if any(os.environ.get(k) for k in ("MMJAX_DISTRIBUTED", "MMJAX_COORDINATOR")) or \
-      int(os.environ.get("MMJAX_NUM_PROCESSES", "1") or 1) > 1:
-    return None
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-  n = min(cores, MAX_CPU_CORE_DEVICES)
-  if n < 2:
-    return None
-  try:
-    jax.config.update("jax_num_cpu_devices", n)
-  except RuntimeError:  # the backends started already: the count is fixed
-    return None
-  _cpu_cores_chosen = True
-  return n
-
-
-def _cpu_core_devices(config: ml_collections.ConfigDict) -> list | None:
-  """With `use_cpu_cores`'s devices and `mesh.num_devices` unset: as many of them as split the
-  batch (the greatest common divisor), so a batch that does not split over the cores trains
-  on fewer, as it did on one device, instead of failing. None: every device."""
-  if not _cpu_cores_chosen or jax.process_count() > 1 or jax.default_backend() != "cpu":
-    return None
-  mesh_config = config.get("mesh", None) or {}
-  batch = int((config.get("data", None) or {}).get("batch_size", 0) or 0)
-  if int(mesh_config.get("tensor", 1) or 1) != 1 or batch < 1:
-    return None
-  n = math.gcd(batch, jax.device_count())
-  return None if n == jax.device_count() else jax.devices()[:n]
-
-
 def mesh_from_config(config: ml_collections.ConfigDict):
   """(mesh, rules, frozen_rules) of the run: `config.mesh` over every device, or the first
-  `config.mesh.num_devices` of them (with `use_cpu_cores`'s host devices: as many as split
-  the batch)."""
+  `config.mesh.num_devices` of them."""
   mesh_config = config.get("mesh", None) or {}
   n = int(mesh_config.get("num_devices", 0) or 0)
-  devices = None if n else _cpu_core_devices(config)
+  devices = None
   if n:
     if jax.process_count() > 1:
       raise ValueError(f"mesh.num_devices={n} needs a single process; this job has {jax.process_count()}")
