@@ -12,7 +12,7 @@ PYTHON312_CANDIDATES = $(PYTHON312) "$$(pyenv prefix 3.12 2>/dev/null)/bin/pytho
   python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 \
                         /root/.pyenv/versions/3.12*/bin/python3.12)
 
-.PHONY: demo recipe recipe-llava recipe-blip2 test test-slow test-py312 install install-py312 clean
+.PHONY: demo recipe recipe-llava recipe-blip2 gpu-wheels test test-slow test-py312 install install-py312 clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,20 @@ test-py312: install-py312
 # The slow tier: larger kernel grids, end-to-end runs.
 test-slow: install
 	MMJAX_REQUIRE_PARITY=1 $(BIN)/python -m pytest -q -m slow
+
+# Python 3.12 wheels of the dependencies the lent GPU machine's image lacks (it reaches no
+# package index), for benchmarks/run_gpu.sh: the device call carries .whl/ (git-ignored).
+# promise publishes only a source archive: built into a wheel here.
+GPU_WHEELS = ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 tensorflow-datasets==4.9.10 \
+	portpicker==1.6.0 dm-tree==0.1.10 immutabledict==4.3.1 simple-parsing==0.1.9 docstring-parser==0.18.0 \
+	tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2 googleapis-common-protos==1.76.0
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -d .whl $(GPU_WHEELS)
+	$(BIN)/pip wheel -q --no-deps -w .whl promise==2.3
+	ls -l .whl
 
 clean:
 	rm -rf $(VENV) $(VENV312) work

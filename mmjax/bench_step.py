@@ -24,7 +24,9 @@ The two sizes of issue 20 are named overrides of ``configs/flamingo/tiny.py`` (`
   mmjax bench step --config configs/flamingo/tiny.py --size issue20-small --compare open_flamingo
   mmjax bench step --config configs/flamingo/tiny.py --size issue20-large --compare open_flamingo
 
-Any other family: ``mmjax bench step --config configs/lm/tiny.py`` (or clip/tiny, ...).
+``--size gpu-1b`` is the accelerator script's ~1.1B-parameter Flamingo in bfloat16
+(benchmarks/run_gpu.sh). Any other family: ``mmjax bench step --config configs/lm/tiny.py``
+(or clip/tiny, ...).
 Results go to OUT.json and OUT.md (``--out``, default benchmarks/step); ``--append`` merges
 this run into OUT.json, replacing a run of the same config, size and overrides.
 """
@@ -74,6 +76,20 @@ SIZES = {
         "--config.model.decoder.depth=8", "--config.model.decoder.num_heads=8",
         "--config.model.decoder.num_kv_heads=4", "--config.model.decoder.head_dim=64",
         "--config.model.decoder.mlp_dim=2048", "--config.model.cross_attn_every_n_layers=2"),
+    # The accelerator script's (benchmarks/run_gpu.sh) ~1.1B-parameter Flamingo in bfloat16:
+    # a CLIP ViT-L/14 tower at 224 px (24 x 1024, MLP 4096: ~303M, frozen), a LLaMA-like LM of
+    # 12 x 2048 (16 heads of 128, MLP 5632: ~617M, frozen), open_flamingo's resampler over the
+    # tower's width and its cross-attention every 4th layer (~63M + 3 x ~37M, trained);
+    # batch 8, 512 tokens, 2 images. `mmjax bench step` prints the exact count.
+    "gpu-1b": _MATCH_OPEN_ORIGINAL + (
+        "--config.mixed_precision.compute_dtype=bfloat16",
+        "--config.data.text_length=512", "--config.data.image_size=224", "--config.model.vision.image_size=224",
+        "--config.model.vision.patch_size=14", "--config.model.vision.width=1024", "--config.model.vision.depth=24",
+        "--config.model.vision.num_heads=16", "--config.model.vision.mlp_dim=4096",
+        "--config.model.resampler.width=1024", "--config.model.decoder.width=2048",
+        "--config.model.decoder.depth=12", "--config.model.decoder.num_heads=16",
+        "--config.model.decoder.num_kv_heads=16", "--config.model.decoder.head_dim=128",
+        "--config.model.decoder.mlp_dim=5632", "--config.model.cross_attn_every_n_layers=4"),
 }
 
 
@@ -155,6 +171,16 @@ def step_arm(name: str, config, batches_needed: int, initial_state=None,
   return StepArm(name=name, max_slots=int(config.data.get("max_slots", 0)), step_fn=step_fn, state=state,
                  batches=placed[1:], counts=[count(b) for b in host[1:]], compile_s=compile_s,
                  data_s_per_batch=data_s, fresh_state=fresh, plan=plan, host_batches=host[1:])
+
+
+def parameter_counts(plan) -> dict[str, int]:
+  """The model's parameters, and those its first freeze stage trains (`plan.masks[0]`)."""
+  import jax
+  import numpy as np
+  abstract = jax.eval_shape(plan.task.init_params, plan.init_key)
+  sizes = [int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract)]
+  trainable = [bool(m) for m in jax.tree.leaves(plan.masks[0])]
+  return {"parameters": sum(sizes), "trainable_parameters": sum(n for n, t in zip(sizes, trainable) if t)}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -245,7 +271,9 @@ def _markdown(runs: list[dict]) -> str:
               + (f", torch {m['torch']} ({run['original']['threads']} threads)" if m.get("torch") else "")
               + f" on {m['device']}; B={m['batch']}, T={m['text_length']}; {m['rounds']} rounds x {m['steps']} "
               f"steps; load average (1 min) {m['load_before'][0]} at the start, {m['load_after'][0]} at the end"
-              + (" (the machine was shared with other work)" if m["shared"] else "") + f"; {m['wall_s']:.0f} s in all.",
+              + (" (the machine was shared with other work)" if m["shared"] else "") + f"; {m['wall_s']:.0f} s in all"
+              + (f"; {a['parameters']:,} parameters, {a['trainable_parameters']:,} trained" if "parameters" in a
+                 else "") + ".",
               "", "| arm | s/step | samples/s | tokens/s | compile s | counted GFLOP/step | model GFLOP/step | MFU "
               "| temp MiB | argument MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     mib = lambda b: _fmt(None if b is None else b / 2**20, ".1f")
@@ -352,7 +380,8 @@ def main(argv: list[str]) -> int:
   model_flops = None if per_example is None else per_example * batch
   mfu = (None if model_flops is None or peak is None
          else model_flops / summary["seconds_per_step"]["median"] / (peak * arm.plan.mesh.devices.size))
-  summary.update(analysis, model_flops=model_flops, mfu=mfu, peak_flops_per_device=peak)
+  summary.update(analysis, model_flops=model_flops, mfu=mfu, peak_flops_per_device=peak,
+                 **parameter_counts(arm.plan))
   run = {"mmjax": summary}
   if original is not None:
     o = _summary(original.seconds, args.steps, arm.counts, original.compile_s)
