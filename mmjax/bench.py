@@ -661,12 +661,7 @@ def packing_main(argv: list[str]) -> int:
   parser.add_argument("--append", action="store_true",
                       help="add this run to OUT.json (a run of the same config and overrides is replaced)")
   parser.add_argument("--out", default="benchmarks/llava", help="results go to OUT.json and OUT.md")
-  args, overrides = parser.parse_known_args(argv)
-  bad = [a for a in overrides if not a.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognized arguments {bad}; expected --config.x.y=VALUE overrides")
-  if args.rounds < 1 or args.steps < 1:
-    parser.error(f"--rounds={args.rounds} --steps={args.steps}; expected both >= 1")
+  args, overrides = bench_step.parse_round_args(parser, argv)
   load_before = [round(x, 2) for x in os.getloadavg()]
   began = time.perf_counter()
 

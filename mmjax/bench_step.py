@@ -173,6 +173,18 @@ def step_arm(name: str, config, batches_needed: int, initial_state=None,
                  data_s_per_batch=data_s, fresh_state=fresh, plan=plan, host_batches=host[1:])
 
 
+def parse_round_args(parser, argv: list[str]):
+  """(args, --config.x=y overrides) of a benchmark timed in rounds (`--rounds`, `--steps`);
+  any other unknown argument, or a count below 1, is a usage error naming it."""
+  args, overrides = parser.parse_known_args(argv)
+  bad = [a for a in overrides if not a.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognized arguments {bad}; expected --config.x.y=VALUE overrides")
+  if args.rounds < 1 or args.steps < 1:
+    parser.error(f"--rounds={args.rounds} --steps={args.steps}; expected both >= 1")
+  return args, overrides
+
+
 def parameter_counts(plan) -> dict[str, int]:
   """The model's parameters, and those its first freeze stage trains (`plan.masks[0]`)."""
   import jax
@@ -329,12 +341,7 @@ def main(argv: list[str]) -> int:
                       help="add this run to OUT.json (a run of the same config, size, overrides and comparison "
                            "is replaced)")
   parser.add_argument("--out", default="benchmarks/step", help="results go to OUT.json and OUT.md")
-  args, overrides = parser.parse_known_args(argv)
-  bad = [a for a in overrides if not a.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognized arguments {bad}; expected --config.x.y=VALUE overrides")
-  if args.rounds < 1 or args.steps < 1:
-    parser.error(f"--rounds={args.rounds} --steps={args.steps}; expected both >= 1")
+  args, overrides = parse_round_args(parser, argv)
   load_before = [round(x, 2) for x in os.getloadavg()]
   began = time.perf_counter()
 

@@ -68,18 +68,10 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 
 def install_open_clip_stub() -> None:
-  """Puts a stub `open_clip` in sys.modules unless a working one is already imported."""
-  if "open_clip" in sys.modules:
-    return
-  stub = types.ModuleType("open_clip")
-  stub.__doc__ = "Stub installed by tests/parity/conftest.py: open_flamingo's reference modules do not use it."
-
-  def _unavailable(*args, **kwargs):
-    raise RuntimeError("open_clip is stubbed out in the parity tests; build vision towers locally.")
-
-  stub.create_model_and_transforms = _unavailable
-  stub.get_tokenizer = _unavailable
-  sys.modules["open_clip"] = stub
+  """Puts a stub `open_clip` in sys.modules unless a working one is already imported (the
+  benchmark's own: `mmjax.families.flamingo.original`)."""
+  from mmjax.families.flamingo import original  # pylint: disable=g-import-not-at-top
+  original.install_open_clip_stub()
 
 
 def import_open_flamingo() -> types.SimpleNamespace:

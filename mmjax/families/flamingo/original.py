@@ -41,16 +41,17 @@ FIXED_XATTN = dict(xattn_num_heads=8, xattn_head_dim=64, xattn_ff_mult=4, only_a
 _HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
-def _install_open_clip_stub() -> None:
+def install_open_clip_stub() -> None:
   """A stub `open_clip` in sys.modules (unless one is imported): `open_flamingo/__init__.py`
-  imports it, which needs torchvision; the modules used here never call it."""
+  imports it, which needs torchvision; the model modules (the benchmark's, the parity
+  tests') never call it."""
   if "open_clip" in sys.modules:
     return
   stub = types.ModuleType("open_clip")
   stub.__doc__ = "Stub installed by mmjax: open_flamingo's model modules do not use open_clip."
 
   def _unavailable(*args, **kwargs):
-    raise RuntimeError("open_clip is stubbed out by mmjax; the benchmark builds its vision tower itself")
+    raise RuntimeError("open_clip is stubbed out by mmjax; build the vision tower locally")
 
   stub.create_model_and_transforms = _unavailable
   stub.get_tokenizer = _unavailable
@@ -62,7 +63,7 @@ def _import_parity():
   try:
     torch = importlib.import_module("torch")
     transformers = importlib.import_module("transformers")
-    _install_open_clip_stub()
+    install_open_clip_stub()
     modules = types.SimpleNamespace(flamingo=importlib.import_module("open_flamingo.src.flamingo"),
                                     flamingo_lm=importlib.import_module("open_flamingo.src.flamingo_lm"),
                                     utils=importlib.import_module("open_flamingo.src.utils"))
