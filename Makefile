@@ -65,11 +65,11 @@ recipe-blip2: $(BIN)/.installed-demo
 	$(BIN)/mmjax recipe blip2/tiny_stage2 --workdir-root $(RECIPE_ROOT)
 
 # The default test tier (under 20 minutes on 2 CPU cores). The parity extra is installed
-# here, so a parity test that cannot import torch is an error, not a skip. Two pytest-xdist
-# workers, a test file each at a time (--dist loadfile keeps a file's module fixtures in one
-# process): most tests spend their time in one-threaded compiles, so a second worker uses the
-# second core; on this project's 2-core VM 794 tests took 10:03 with -n 2 against a whole leg
-# of 26:57 serial (docs/history.md).
+# here, so a parity test that cannot import torch is an error, not a skip. Every tier runs on
+# two pytest-xdist workers, a test file each at a time (--dist loadfile keeps a file's module
+# fixtures in one process): most tests spend their time in one-threaded compiles, so a second
+# worker uses the second core; on this project's 2-core VM this leg took 11:08 this way
+# against 26:57 serial (docs/history.md).
 XDIST = -n 2 --dist loadfile
 test: install
 	MMJAX_REQUIRE_PARITY=1 $(BIN)/python -m pytest -q $(XDIST) --durations=25

@@ -14,11 +14,11 @@ import pytest
 
 from mmjax.train import recipe
 
-# A stand-in `mmjax train`: argv = name, what (seconds to run, "fail", "fail-after-b",
-# "preempt"), directory. SIGTERM makes it print what the trainer prints when preempted and
-# exit 0, as the trainer does. "fail-after-b" fails once b has installed its SIGTERM handler
-# (b writes its start file after that): on a loaded machine a stage that fails at once can
-# otherwise stop b before b's interpreter has started, and b then dies without a word.
+# A stand-in `mmjax train`: argv = name, what (seconds to run, "fail", "preempt"), directory.
+# SIGTERM makes it print what the trainer prints when preempted and exit 0, as the trainer does.
+# "fail" exits 3 once stage b has installed its SIGTERM handler (b writes its start file after
+# that): on a loaded machine a stage that failed at once could stop b before b's interpreter
+# had started, and b then died without a word.
 STAND_IN = r"""
 import os, signal, sys, time
 name, what, d = sys.argv[1:4]
@@ -26,10 +26,9 @@ stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 open(os.path.join(d, name + ".start"), "w").write(repr(time.time()))
 print(f"{name} training", flush=True)
-if what == "fail-after-b":
+if what == "fail":
   while not os.path.exists(os.path.join(d, "b.start")):
     time.sleep(0.01)
-if what.startswith("fail"):
   sys.exit(3)
 if what == "preempt":
   print("mmjax train: preempted (SIGTERM), saved at step 2 (started at 0); last loss 1.0", flush=True)
@@ -77,7 +76,7 @@ def test_a_stage_starts_after_the_stages_it_starts_from_and_at_most_jobs_run_at_
 
 
 def test_a_failing_stage_stops_the_running_ones_with_a_saved_step_and_starts_nothing_more(tmp_path, capsys):
-  stages, commands = _recipe(tmp_path, a="fail-after-b", b=30, c=0.1)
+  stages, commands = _recipe(tmp_path, a="fail", b=30, c=0.1)
   t = time.time()
   assert recipe.run_stages(stages, commands, 2, launch=_launch, poll_s=0.02) == 3
   assert time.time() - t < 20  # b was stopped, not waited for
