@@ -5,7 +5,6 @@ jitted JAX function against the same function in torch, on the CPU, no mmjax cod
     taskset -c 0 python benchmarks/cpu_matmul.py         # the same on one core
     python benchmarks/cpu_matmul.py --flags='--xla_cpu_multi_thread_eigen=false;--xla_cpu_use_onednn=true'
 
-
 The block is y = gelu(x @ w1) @ w2 with loss mean(y^2), gradients for x, w1 and w2: the
 feed-forward of issue 20's LM at its two sizes (rows = batch x tokens). Arms:
 
@@ -94,6 +93,14 @@ def torch_arms(batch, tokens, d, f, seed=0):
   return {"torch": block, "torch-1t": with_threads(1, block), "torch-mm": mm}, block, default_threads
 
 
+def time_calls(fn, iters: int) -> float:
+  """Seconds per call of `fn`, over `iters` calls in a row."""
+  began = time.perf_counter()
+  for _ in range(iters):
+    fn()
+  return (time.perf_counter() - began) / iters
+
+
 def time_rounds(arms: dict, rounds: int, iters: int) -> dict[str, list[float]]:
   for fn in arms.values():  # warm-up: compile, allocate
     fn(), fn()
@@ -102,10 +109,7 @@ def time_rounds(arms: dict, rounds: int, iters: int) -> dict[str, list[float]]:
   for r in range(rounds):
     order = names[r % len(names):] + names[:r % len(names)]
     for n in order:
-      began = time.perf_counter()
-      for _ in range(iters):
-        arms[n]()
-      times[n].append((time.perf_counter() - began) / iters)
+      times[n].append(time_calls(arms[n], iters))
   return times
 
 
@@ -145,13 +149,7 @@ def child(args) -> None:
     fn(), fn()
   print(json.dumps({"ready": True, "jax": jax.__version__}), flush=True)
   for _ in sys.stdin:
-    out = {}
-    for n, fn in arms.items():
-      began = time.perf_counter()
-      for _ in range(args.iters):
-        fn()
-      out[n] = (time.perf_counter() - began) / args.iters
-    print(json.dumps(out), flush=True)
+    print(json.dumps({n: time_calls(fn, args.iters) for n, fn in arms.items()}), flush=True)
 
 
 def sweep(args) -> dict:
