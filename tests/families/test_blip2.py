@@ -82,6 +82,9 @@ def test_stage_two_adopts_stage_one_leaves_the_lm_and_tower_bitwise_and_answers(
   assert cli.eval_main([f"--workdir={wd}"]) == 0
   res = json.load(open(os.path.join(wd, "eval.json")))
   assert 0.0 <= res["qa_exact_match"] <= 1.0 and len(res["examples"]) == 8
+  # Captions are asked as stage 2 trains them and cut at the chunk's end before scoring.
+  assert res["cider"] >= 0.0 and len(res["caption_examples"]) == 4
+  assert all(r["caption"] and "<|endofchunk|>" not in r["generated"] for r in res["caption_examples"])
   capsys.readouterr()
   image = os.path.join(str(tmp_path), "scene.png")
   from PIL import Image

@@ -10,7 +10,9 @@ ties against it (`recall_at`).
 
 Stage 2 (`evaluate_stage2`): exact match on the embedded validation questions, each asked as
 training asked it (the Q placeholders, BOS, "Question: {q} Answer:"; InstructBLIP's Q-Former
-also reads the question), greedy, up to EOS.
+also reads the question), greedy, up to EOS; and CIDEr-D of the captions generated for the
+first 100 validation images (the Q placeholders and BOS, no question, as stage 2 trains a
+caption) against each image's caption.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from mmjax import infer
 from mmjax.data import conversation, pairs
 from mmjax.data import qa as qa_lib
 from mmjax.data.preprocess import BadImageError, decode_image
-from mmjax.data.scenes import IMAGE_TOKEN
+from mmjax.data.scenes import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
+from mmjax.evaluation import captions as caption_metrics
 from mmjax.evaluation.retrieval import RECALL_AT, recall_at
 from mmjax.families import common
 
@@ -190,24 +193,17 @@ def _square(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(slots[0], np.uint8)
 
 
-def qa_exact_match(config: ml_collections.ConfigDict, cfg, builder, params, limit: int = 0,
-                   batch: int = 64) -> tuple[float, list[dict]]:
-  """Exact match on the validation questions of the data directory's `qa` (module docstring)."""
+def _generate(config: ml_collections.ConfigDict, cfg, builder, params, rendered: list, max_new_tokens: int,
+              batch: int = 64) -> list[str]:
+  """The decoded greedy continuation of each `render_prompt` output, up to its stop id, in
+  batches of `batch` (the last padded by repeating its final prompt: one compile per shape);
+  the images blanked when the run's `data.blank_images` is set."""
   from mmjax.families.blip2 import task as task_lib  # pylint: disable=g-import-not-at-top
-  source = data_lib.open_split(common.data_dir(config), "qa", "validation")
-  count = len(source) if not limit else min(limit, len(source))
   blank = bool(config.data.get("blank_images", False))
   tok = builder.tokenizer
   generator = infer.Generator(task_lib.decoding(cfg))
-  records, rendered = [], []
-  for i in range(count):
-    record = source[i]
-    user = conversation.conversation_turns(record)[0]
-    image = decode_image(bytes(record["images"][0]), None)
-    rendered.append(render_prompt(cfg, builder, user.text, [image]))
-    records.append(record)
   longest = max(len(r[1]) for r in rendered)
-  answers = []
+  texts = []
   for start in range(0, len(rendered), batch):
     chunk = rendered[start:start + batch]
     b = batch if len(rendered) > batch else len(chunk)
@@ -220,9 +216,25 @@ def qa_exact_match(config: ml_collections.ConfigDict, cfg, builder, params, limi
       lengths[i] = len(p)
     if blank:
       inputs["images"] = np.zeros_like(inputs["images"])
-    result = generator.generate({"params": params}, inputs, ids, int(config.eval.get("max_new_tokens", 6)),
+    result = generator.generate({"params": params}, inputs, ids, max_new_tokens,
                                 prompt_lengths=lengths, eos_token_id=chunk[0][2], pad_id=tok.pad_id)
-    answers += [tok.decode([int(t) for t in result.tokens[i, :result.lengths[i]]]) for i in range(len(chunk))]
+    texts += [tok.decode([int(t) for t in result.tokens[i, :result.lengths[i]]]) for i in range(len(chunk))]
+  return texts
+
+
+def qa_exact_match(config: ml_collections.ConfigDict, cfg, builder, params, limit: int = 0,
+                   batch: int = 64) -> tuple[float, list[dict]]:
+  """Exact match on the validation questions of the data directory's `qa` (module docstring)."""
+  source = data_lib.open_split(common.data_dir(config), "qa", "validation")
+  count = len(source) if not limit else min(limit, len(source))
+  records, rendered = [], []
+  for i in range(count):
+    record = source[i]
+    user = conversation.conversation_turns(record)[0]
+    image = decode_image(bytes(record["images"][0]), None)
+    rendered.append(render_prompt(cfg, builder, user.text, [image]))
+    records.append(record)
+  answers = _generate(config, cfg, builder, params, rendered, int(config.eval.get("max_new_tokens", 6)), batch)
   rows = []
   for record, answer in zip(records, answers):
     question, truth = (record[k].decode() if isinstance(record[k], bytes) else str(record[k])
@@ -232,11 +244,41 @@ def qa_exact_match(config: ml_collections.ConfigDict, cfg, builder, params, limi
   return (float(np.mean([r["correct"] for r in rows])) if rows else 0.0), rows
 
 
+# Longest embedded caption (22 tokens) and its end.
+CAPTION_TOKENS = 24
+
+
+def caption_cider(config: ml_collections.ConfigDict, cfg, builder, params, limit: int = 100,
+                  batch: int = 64) -> tuple[float, list[dict]]:
+  """CIDEr-D (`mmjax.evaluation.captions`, pycocoevalcap's scorer) of the captions generated
+  for the first `limit` validation images of the data directory's `captions`, each asked as
+  stage 2 trains a caption (the image, BOS, no question), against the image's caption."""
+  source = data_lib.open_split(common.data_dir(config), "captions", "validation")
+  count = min(limit, len(source)) if limit else len(source)
+  refs, rendered = [], []
+  for i in range(count):
+    record = source[i]
+    image = decode_image(bytes(record["images"][0]), None)
+    rendered.append(render_prompt(cfg, builder, f"{IMAGE_TOKEN}\n{conversation.CAPTION_PROMPTS[0]}", [image]))
+    refs.append([pairs.caption_text(record["text"])])
+  # The embedded captions end with `<|endofchunk|>`, which a reading LM writes before EOS.
+  captions = [" ".join(c.split(END_OF_CHUNK_TOKEN)[0].split())
+              for c in _generate(config, cfg, builder, params, rendered, CAPTION_TOKENS, batch)]
+  score, per_caption = caption_metrics.cider_d([caption_metrics.tokenize(c) for c in captions],
+                                              [[caption_metrics.tokenize(r) for r in rs] for rs in refs])
+  rows = [{"caption": r[0], "generated": c, "cider": float(s)} for r, c, s in zip(refs, captions, per_caption)]
+  return float(score), rows
+
+
 def evaluate_stage2(config: ml_collections.ConfigDict, cfg, builder, params) -> dict:
   """`Task.evaluate` of a stage-2 run: QA exact match (overall and by kind) with a few
   examples, when the data directory has the embedded questions; {} otherwise."""
   if "qa" not in data_lib.dataset_names(common.data_dir(config)):
     return {}
   acc, rows = qa_exact_match(config, cfg, builder, params, int(config.eval.get("num_questions", 0)))
-  return {"blank_images": bool(config.data.get("blank_images", False)), "qa_exact_match": acc,
-          "qa_by_kind": qa_lib.accuracy_by_kind(rows), "examples": rows[:8]}
+  res = {"blank_images": bool(config.data.get("blank_images", False)), "qa_exact_match": acc,
+         "qa_by_kind": qa_lib.accuracy_by_kind(rows), "examples": rows[:8]}
+  if "captions" in data_lib.dataset_names(common.data_dir(config)):
+    res["cider"], caption_rows = caption_cider(config, cfg, builder, params)
+    res["caption_examples"] = caption_rows[:4]
+  return res
