@@ -2,6 +2,7 @@
 
   mmjax train --config configs/flamingo/tiny.py --workdir DIR [--config.x.y=value ...]
   mmjax eval --workdir DIR [--num-questions N] [--few-shot K]
+  mmjax eval --workdir DIR --task vqa:embedded --shots 0,4,8 [--rices [--rices-tower DIR]] [--seeds 3]
   mmjax generate --workdir DIR --image a.png --prompt "<image>Question: ... Answer:"
   mmjax plot --workdir DIR --out curves.png
   mmjax demo --workdir work/flamingo-tiny
@@ -94,13 +95,48 @@ def train_main(argv: list[str]) -> int:
 @_verb("mmjax eval")
 def eval_main(argv: list[str]) -> int:
   _quiet_tpu_probe()
-  from mmjax.train import evaluate
-  p = argparse.ArgumentParser(prog="mmjax eval", description="validation loss, QA accuracy, CIDEr")
+  p = argparse.ArgumentParser(
+      prog="mmjax eval", description="validation loss, QA accuracy, CIDEr; with --task (or config.eval.tasks): "
+      "benchmark tasks zero- and few-shot (mmjax.train.fewshot, docs/evaluation.md)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--num-questions", type=int, default=None, help="0: the whole validation split")
   p.add_argument("--few-shot", type=int, default=None, help="in-context examples (default: the config's)")
   p.add_argument("--no-cider", action="store_true")
+  tasks = p.add_argument_group("benchmark tasks")
+  tasks.add_argument("--task", action="append", default=[],
+                     help="KIND:KEY=VALUE,... (repeatable), e.g. vqa:embedded or vqa:questions=Q,annotations=A,"
+                          "images=DIR,support_questions=...; default: config.eval.tasks")
+  tasks.add_argument("--shots", default="0", help="in-context examples per query, e.g. 0,4,8")
+  tasks.add_argument("--rices", action="store_true", help="choose the examples by RICES instead of at random")
+  tasks.add_argument("--rices-tower", default=None, help="work directory of the image tower RICES embeds with (a "
+                     "contrastive run); default: the evaluated run's own tower")
+  tasks.add_argument("--rices-cache", default=None, help="RICES embedding cache (default: WORKDIR/eval/rices-cache)")
+  tasks.add_argument("--seeds", type=int, default=1, help="random examples: runs with seeds 0..N-1, averaged")
+  tasks.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search")
+  tasks.add_argument("--length-penalty", type=float, default=0.0, help="beam search's (0, the default: the plain sum "
+                     "of log-probabilities)")
+  tasks.add_argument("--postprocess", default=None, help="VQA answer post-processing, one of "
+                     "mmjax.evaluation.vqa.POSTPROCESS_OPTIONS (default: the first)")
+  tasks.add_argument("--limit", type=int, default=0, help="queries per task (0: all)")
+  tasks.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
+  tasks.add_argument("--num-devices", type=int, default=0, help="devices of the mesh (0: the config's)")
+  tasks.add_argument("--max-new-tokens", type=int, default=0, help="tokens per answer (0: per kind)")
   args = p.parse_args(argv)
+  from mmjax.train import config as config_lib
+  from mmjax.train import fewshot
+  specs = args.task or (fewshot.tasks_of_config(config_lib.read_resolved(args.workdir))
+                        if os.path.isfile(os.path.join(args.workdir, config_lib.RESOLVED_CONFIG)) else [])
+  if specs:
+    options = fewshot.Options(
+        shots=fewshot.parse_shots(args.shots), selection="rices" if args.rices else "random", seeds=args.seeds,
+        rices_tower=args.rices_tower, rices_cache=args.rices_cache, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, limit=args.limit,
+        batch_size=args.batch_size, num_devices=args.num_devices, max_new_tokens=args.max_new_tokens,
+        **({"postprocess": args.postprocess} if args.postprocess else {}))
+    for res in fewshot.run(args.workdir, specs, options):
+      print(f"{res['path']}")
+    return 0
+  from mmjax.train import evaluate
   res = evaluate.evaluate(args.workdir, num_questions=args.num_questions, few_shot_k=args.few_shot,
                           with_cider=not args.no_cider)
   for k, v in res.items():
