@@ -35,6 +35,7 @@ exactly). ``remat`` applies per LM layer inside the scan. The KV cache
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 
 from mmjax.layers.attention import Attention, init_cache
 from mmjax.layers.embed import Embed
+from mmjax.layers import linear
 from mmjax.layers.linear import dense
 from mmjax.layers.mlp import Mlp, SwiGLU
 from mmjax.layers.norms import LayerNorm, RMSNorm
@@ -437,6 +439,14 @@ class Decoder(nn.Module):
     if insert_state is not None and indices and c.scan_layers and "blocks" not in insert_state:
       insert_state = {"blocks": stack([insert_state[f"{self.insert.name}_{i}"] for i in indices])}
 
+    # Rematerialised layers keep JAX's own projection backward, which their checkpoint
+    # policy can see (mmjax.layers.linear.rematerialised).
+    with linear.rematerialised() if c.scan_layers or c.remat else contextlib.nullcontext():
+      return self._layers(x, positions, cache, side, insert_state, segment_ids, indices)
+
+  def _layers(self, x, positions, cache, side, insert_state, segment_ids, indices):
+    """`forward` once its inputs are checked: the layers, their inserts and the norm."""
+    c = self.config
     new_cache = {} if cache is not None else None
     if c.scan_layers:
       if scan_plan(c.depth, self.insert).num_blocks:

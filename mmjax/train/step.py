@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from mmjax.families.base import ApplyFn, LossFn
+from mmjax.layers import linear
 from mmjax.train.state import TrainState
 
 
@@ -84,6 +85,12 @@ def make_train_step(*, apply_fn: ApplyFn | None = None, tx: optax.GradientTransf
     return total, (count, extra)
 
   if REMAT_POLICIES[remat] is not None:
+    plain_loss = micro_loss
+
+    def micro_loss(params, batch, rng):
+      with linear.rematerialised():  # the policy sees the projections' dots
+        return plain_loss(params, batch, rng)
+
     micro_loss = jax.checkpoint(micro_loss, policy=REMAT_POLICIES[remat])
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 

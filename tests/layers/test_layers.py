@@ -147,3 +147,40 @@ def test_the_shared_dense_layer_is_nn_dense_general_with_its_leading_dimensions_
   grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * cotangent), argnums=(0, 1))(params, x)
   for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(theirs))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_projection_backward_is_custom_outside_remat_and_jax_own_inside():
+  """Outside rematerialisation the kernel gradient is inputs^T . grad (a custom VJP, equal
+  to nn.DenseGeneral's above); inside `linear.rematerialised()` the projection is a plain
+  dot_general, so a checkpoint policy that saves dots (the decoder's) saves its product
+  instead of recomputing it in the backward pass."""
+  from mmjax.layers import linear
+  layer = linear.dense(6, ("embed", "mlp"))
+  x = jnp.ones((2, 3, 4), jnp.float32)
+  params = nn.unbox(layer.init(jax.random.key(0), x))
+
+  def loss(p, x):
+    return jnp.sum(jnp.tanh(layer.apply(p, jnp.tanh(layer.apply(p, x[..., :4])[..., :4]))))
+
+  def grad_jaxpr(inside: bool) -> str:
+    policy = jax.checkpoint_policies.dots_saveable
+    def traced(p, x):
+      if inside:
+        with linear.rematerialised():
+          return jax.checkpoint(lambda p, x: loss(p, x), policy=policy)(p, x)
+      return jax.checkpoint(lambda p, x: loss(p, x), policy=policy)(p, x)
+    return str(jax.make_jaxpr(jax.grad(traced))(params, x))
+
+  # A new function object for each trace: jax caches a function's trace by identity and
+  # argument types, not by the context it was traced in.
+  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p, x: loss(p, x))(params, x))
+  with linear.rematerialised():
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda p, x: loss(p, x))(params, x))
+  outside, inside = grad_jaxpr(False), grad_jaxpr(True)
+  # Two forward products saved; backward: both kernels' gradients and the second layer's
+  # input gradient (x takes none): 5, no product recomputed.
+  assert inside.count("dot_general[") == 5
+  assert outside.count("dot_general[") > 5  # what the context exists to avoid
+  with linear.rematerialised():
+    pass
+  assert not linear._REMATERIALISED.get()  # pylint: disable=protected-access
