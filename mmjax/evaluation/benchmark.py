@@ -36,8 +36,10 @@ from mmjax.evaluation import tasks as task_files
 from mmjax.evaluation import vqa as vqa_metric
 from mmjax.evaluation.tasks.spec import split_spec, with_options
 
-# The kinds a model answers by generating text (the others need embeddings or scores).
+# The kinds a model answers by generating text, and those it answers by embedding images and
+# texts in one space (compared by cosine similarity).
 GENERATED_KINDS = ("vqa", "captioning")
+EMBEDDING_KINDS = ("retrieval", "classification")
 EMBEDDED = "embedded"
 SUPPORT_PREFIX = "support_"
 _EMBEDDED_DATASET = {"vqa": "qa", "captioning": "captions"}
@@ -199,6 +201,48 @@ def score(kind: str, items: Sequence[Item], generations: Sequence[str], *,
   raise ValueError(f"task kind {kind!r} is not answered by generating text; expected one of {GENERATED_KINDS}")
 
 
-def headline(kind: str) -> str:
-  """The score a table shows first for a kind."""
-  return "accuracy" if kind == "vqa" else "CIDEr-D"
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def limited_retrieval(retrieval: task_files.RetrievalSet, limit: int) -> task_files.RetrievalSet:
+  """The first `limit` images of a retrieval set and their captions (0: all)."""
+  if not limit or limit >= len(retrieval.image_paths):
+    return retrieval
+  keep = retrieval.caption_image_index < limit
+  return task_files.RetrievalSet(
+      image_ids=retrieval.image_ids[:limit], image_paths=retrieval.image_paths[:limit],
+      captions=tuple(c for c, k in zip(retrieval.captions, keep) if k),
+      caption_image_index=retrieval.caption_image_index[keep])
+
+
+def retrieval_scores(retrieval: task_files.RetrievalSet, image_embeddings: np.ndarray,
+                     text_embeddings: np.ndarray) -> tuple[dict[str, float], dict[str, Any], list[dict]]:
+  """(scores, metric options, one row per image) of embeddings [I, E] and [C, E] by cosine:
+  recall@1/5/10 both ways in percent, and each image's five best captions."""
+  similarity = _unit_rows(image_embeddings) @ _unit_rows(text_embeddings).T  # [I, C]
+  recall = retrieval.recall(similarity)
+  scores = {f"{way}_R@{k}": 100.0 * value for way, by_k in recall.items() for k, value in by_k.items()}
+  rows = [{"id": image_id, "retrieved": [retrieval.captions[c] for c in np.argsort(-row, kind="stable")[:5]],
+           "captions": [retrieval.captions[c] for c in np.flatnonzero(retrieval.caption_image_index == i)]}
+          for i, (image_id, row) in enumerate(zip(retrieval.image_ids, similarity))]
+  return scores, {"metric": "recall@k", "similarity": "cosine", "ties": "count against the query"}, rows
+
+
+def classification_scores(classes: task_files.ClassificationSet, examples: Sequence[Any], image_embeddings: np.ndarray,
+                          prompt_embeddings: np.ndarray) -> tuple[dict[str, float], dict[str, Any], list[dict]]:
+  """(scores, metric options, one row per image) of zero-shot classification, CLIP's way: each
+  class is the normalised mean of its prompts' unit embeddings ([K * templates, E], class
+  major, as `ClassificationSet.prompts` orders them), each image takes the class of highest
+  cosine. Accuracy and chance in percent."""
+  k, t = len(classes.labels), len(classes.templates)
+  per_prompt = _unit_rows(prompt_embeddings).reshape(k, t, -1)
+  class_embeddings = _unit_rows(per_prompt.mean(axis=1))  # [K, E]
+  predicted = np.argmax(_unit_rows(image_embeddings) @ class_embeddings.T, axis=1)
+  rows = [{"id": e.image_path, "label": classes.labels[e.label], "predicted": classes.labels[int(p)],
+           "correct": bool(int(p) == e.label)} for e, p in zip(examples, predicted)]
+  accuracy = 100.0 * float(np.mean([r["correct"] for r in rows]))
+  return ({"accuracy": accuracy, "chance": 100.0 / k},
+          {"metric": "zero-shot accuracy", "templates": list(classes.templates), "class_names": list(classes.class_names)},
+          rows)

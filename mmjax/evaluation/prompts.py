@@ -6,8 +6,8 @@ fields, from which both a solved in-context example and the query are made.
   template.query(question="what colour?")               # "<image>Question:what colour? Short answer:"
   template.prompt([shot1, shot2], query)                # the shots' examples, then the query
 
-The query is the template cut just before its answer field, so a model completes exactly
-what the solved examples show. The defaults (`DEFAULT_TEMPLATES`) are OpenFlamingo's
+The query is the template cut just before its answer field (and its trailing spaces), so a
+model completes exactly what the solved examples show. The defaults (`DEFAULT_TEMPLATES`) are OpenFlamingo's
 (`open_flamingo/eval/evaluate.py`: `get_vqa_prompt`, `get_caption_prompt`); a config
 replaces them per kind with `eval.prompts.<kind>` (a run trained on other wording is asked in
 its own words). Every `<image>` of a prompt takes the next image: the shots' in order, then
@@ -71,9 +71,12 @@ class PromptTemplate:
     return self.text.format(**fields)
 
   def query(self, **fields: str) -> str:
-    """The query: the template up to its answer field, filled (the answer field is not needed)."""
+    """The query: the template up to its answer field, filled (the answer field is not needed),
+    without the spaces that end it: "Answer: {answer}" asks "Answer:", and the model writes
+    the space with the answer, as a tokenizer that joins a word to the space before it
+    ("▁3") saw it in training; a prompt ending in a lone space is one it never saw."""
     head = self.text.split("{" + self.answer_field + "}")[0]
-    return head.format(**{k: v for k, v in fields.items() if k != self.answer_field})
+    return head.format(**{k: v for k, v in fields.items() if k != self.answer_field}).rstrip(" ")
 
   def prompt(self, shots: Sequence[Mapping[str, str]], query: Mapping[str, str]) -> str:
     """The shots' solved examples in order, then the query."""

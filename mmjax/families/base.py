@@ -85,6 +85,11 @@ class Task:
   # to its image's tokens); None: `mmjax generate` encodes the prompt as training text starts
   # (BOS first), the images resized to `data.image_size`, and stops at `<|endofchunk|>`.
   render_prompt: Callable[[str, list], tuple[dict, Any, int]] | None = None
+  # (params, images uint8 [N, S, S, 3] at `data.image_size`) -> Float[N, E], and (params,
+  # texts) -> Float[N, E] in the same space: what `mmjax eval --task` scores retrieval and
+  # zero-shot classification with (cosine similarity); None: the model embeds neither.
+  embed_images: Callable[[Any, Any], Any] | None = None
+  embed_texts: Callable[[Any, list[str]], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

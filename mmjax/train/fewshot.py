@@ -1,6 +1,8 @@
 """`mmjax eval --task SPEC --shots 0,4,8 [--rices]`: a benchmark task asked of any family
-whose model reads images and generates text, zero- and few-shot, scored by the benchmark's
-metric (`mmjax.evaluation.benchmark`).
+that can answer it, scored by the benchmark's metric (`mmjax.evaluation.benchmark`): vqa and
+captioning, zero- and few-shot, by a model that reads images and generates text; retrieval
+and zero-shot classification by one that embeds images and texts in one space
+(`Task.embed_images`, `Task.embed_texts`: the contrastive family).
 
 For each task and shot count k: each query's prompt is k solved examples from the task's
 support set, then the query, written by the kind's prompt template
@@ -20,9 +22,9 @@ results file, whole (a temporary file renamed over it), and the RICES cache; whe
 can be written is checked before any time is spent.
 
 A family that cannot answer a task is refused before the model is loaded, naming the family
-and the task: a model that does not generate text about images, a task kind answered
-otherwise (retrieval, classification), or few-shot prompts the family's renderer refuses
-(a prompt template that takes one image).
+and the task: vqa or captioning of a model that does not generate text about images,
+retrieval or classification of one that does not embed, or few-shot prompts the family's
+renderer refuses (a prompt that takes one image).
 
 Dimension letters: B batch, N images per prompt, S image side, T prompt length.
 """
@@ -31,12 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
+
 import jax
 import ml_collections
 import numpy as np
@@ -47,6 +52,7 @@ from mmjax import filelock
 from mmjax import infer
 from mmjax import sharding as sh
 from mmjax.data import END_OF_CHUNK_TOKEN
+from mmjax.data.preprocess import load_image_file
 from mmjax.evaluation import benchmark
 from mmjax.evaluation import prompts as prompts_lib
 from mmjax.evaluation import rices
@@ -87,6 +93,8 @@ class Options:
   num_devices: int = 0
   # tokens per answer (0: eval.max_new_tokens for vqa, else DEFAULT_MAX_NEW_TOKENS)
   max_new_tokens: int = 0
+  # (kind, template) pairs replacing the config's `eval.prompts` and the defaults
+  prompts: tuple[tuple[str, str], ...] = ()
 
   def __post_init__(self):
     if not self.shots or any(k < 0 for k in self.shots):
@@ -140,6 +148,23 @@ class Request:
   images: list[np.ndarray]
 
 
+# (id of a Decoding, beam search or not) -> (that Decoding, its Generator or BeamSearch): one
+# set of compilations per model across evaluations in one process (a family memoises its
+# Decoding per model config), as `mmjax.infer.generate` keeps one Generator.
+_DECODERS: dict[tuple[int, bool], tuple[Any, Any]] = {}
+
+
+def _decoder(decoding, *, beam: bool):
+  key = (id(decoding), beam)
+  if key not in _DECODERS or _DECODERS[key][0] is not decoding:
+    if beam:
+      from mmjax.infer import beam as beam_lib  # pylint: disable=g-import-not-at-top
+      _DECODERS[key] = (decoding, beam_lib.BeamSearch(decoding))
+    else:
+      _DECODERS[key] = (decoding, infer.Generator(decoding))
+  return _DECODERS[key][1]
+
+
 def render(task: families.Task, request: Request) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
   """({name: array without the batch axis}, prompt ids Int[T], the id that ends an answer):
   by the family's renderer, or tokenized as training text starts (BOS first) with the images
@@ -173,11 +198,7 @@ class Answerer:
     self.batch_size = -(-batch_size // self.split) * self.split
     self.params = {"params": _place_params(task, params, self.mesh, self.rules)}
     self.num_beams, self.length_penalty = num_beams, length_penalty
-    if num_beams > 1:
-      from mmjax.infer import beam  # pylint: disable=g-import-not-at-top
-      self._search = beam.BeamSearch(task.decoding)
-    else:
-      self._generator = infer.Generator(task.decoding)
+    self._decoder = _decoder(task.decoding, beam=num_beams > 1)
 
   @property
   def num_devices(self) -> int:
@@ -215,12 +236,12 @@ class Answerer:
         inputs["images"] = np.zeros_like(inputs["images"])
       inputs = {k: jax.device_put(v, batch_sharding) for k, v in inputs.items()}
       if self.num_beams > 1:
-        result = self._search.search(self.params, inputs, ids, max_new_tokens, num_beams=self.num_beams,
-                                     length_penalty=self.length_penalty, prompt_lengths=lengths,
-                                     eos_token_id=stop, pad_id=tok.pad_id)
+        result = self._decoder.search(self.params, inputs, ids, max_new_tokens, num_beams=self.num_beams,
+                                      length_penalty=self.length_penalty, prompt_lengths=lengths,
+                                      eos_token_id=stop, pad_id=tok.pad_id)
       else:
-        result = self._generator.generate(self.params, inputs, ids, max_new_tokens, prompt_lengths=lengths,
-                                          eos_token_id=stop, pad_id=tok.pad_id)
+        result = self._decoder.generate(self.params, inputs, ids, max_new_tokens, prompt_lengths=lengths,
+                                        eos_token_id=stop, pad_id=tok.pad_id)
       tokens, counts = np.asarray(result.tokens), np.asarray(result.lengths)
       for i in range(len(chunk)):
         text = tok.decode([int(t) for t in tokens[i, :counts[i]]])
@@ -232,11 +253,14 @@ class Answerer:
 
 def check_answerable(family: str, task: families.Task, eval_task: benchmark.EvalTask) -> None:
   """Raises ValueError naming the family and the task when the family's model cannot answer
-  it by generating text about images."""
-  if eval_task.kind not in benchmark.GENERATED_KINDS:
-    raise ValueError(f"family {family!r} cannot answer task {eval_task.name!r}: `mmjax eval --task` answers the "
-                     f"kinds {list(benchmark.GENERATED_KINDS)} by generating text, and {eval_task.kind!r} is not "
-                     "one of them")
+  it: by generating text about images (vqa, captioning) or by embedding images and texts
+  (retrieval, classification)."""
+  if eval_task.kind in benchmark.EMBEDDING_KINDS:
+    if task.embed_images is None or task.embed_texts is None:
+      raise ValueError(f"family {family!r} cannot answer task {eval_task.name!r} ({eval_task.kind}): its model does "
+                       "not embed images and texts in one space (Task.embed_images, Task.embed_texts); expected a "
+                       "work directory of a family that does, such as a contrastive one")
+    return
   if task.decoding is None or not (task.takes_images or task.render_prompt is not None):
     what = "does not generate text" if task.decoding is None else "does not read images"
     raise ValueError(f"family {family!r} cannot answer task {eval_task.name!r} ({eval_task.kind}): its model "
@@ -263,16 +287,17 @@ def _check_prompt(family: str, task: families.Task, eval_task: benchmark.EvalTas
 
 @dataclasses.dataclass
 class _Loaded:
-  """The queries and support set of one task, their images read once."""
+  """The queries and support set of one task (images are read when a prompt is built)."""
   task: benchmark.EvalTask
   queries: list[benchmark.Item]
   support: list[benchmark.Item] | None
 
 
 def _requests(template: prompts_lib.PromptTemplate, loaded: _Loaded, chosen: list[list[int]],
-              image_of) -> list[Request]:
+              image_of, first: int = 0) -> list[Request]:
+  """The prompts of queries first, first + 1, ...: chosen[j] holds query (first + j)'s examples."""
   out = []
-  for q, indices in enumerate(chosen):
+  for q, indices in enumerate(chosen, start=first):
     shots = [loaded.support[i] for i in indices]
     text = template.prompt([s.fields for s in shots], loaded.queries[q].fields)
     out.append(Request(text, [image_of("support", i) for i in indices] + [image_of("query", q)]))
@@ -315,6 +340,35 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _header(t: benchmark.EvalTask, shots: int, selection: str, family: str, workdir: str, step: int,
+            config: ml_collections.ConfigDict) -> dict:
+  return {"task": t.name, "kind": t.kind, "spec": t.spec, "shots": shots, "selection": selection, "family": family,
+          "workdir": os.path.abspath(workdir), "step": step, "date": _now(), "config": config.to_dict()}
+
+
+def _write(out_dir: str, res: dict) -> dict:
+  path = os.path.join(out_dir, results_name(res["task"], res["shots"], res["selection"]))
+  filelock.atomic_write(path, json.dumps(res, indent=1, ensure_ascii=False, default=str).encode())
+  return {**res, "path": path}
+
+
+def _load_data(eval_tasks, task: families.Task, options: Options) -> dict[str, Any]:
+  """Per task name: its `_Loaded` (a generated kind) or its loaded files (an embedding kind);
+  every file and image checked, and the shots against each support set."""
+  data = {}
+  for t in eval_tasks:
+    if t.kind in benchmark.EMBEDDING_KINDS:
+      data[t.name] = t.query.load()
+      continue
+    queries = t.queries(task.data_dir)
+    queries = queries[:options.limit] if options.limit else queries
+    support = t.support_items(task.data_dir) if max(options.shots) else None
+    for k in options.shots:
+      check_shots(t, k, len(support) if support is not None else 0)
+    data[t.name] = _Loaded(t, queries, support)
+  return data
+
+
 def run(workdir: str, specs: Sequence[str], options: Options = Options(), *, printer=print) -> list[dict]:
   """Evaluates each task at each shot count (module docstring); returns the results written."""
   if not os.path.isdir(workdir):
@@ -326,101 +380,159 @@ def run(workdir: str, specs: Sequence[str], options: Options = Options(), *, pri
   if len(set(names)) != len(names):
     raise ValueError(f"tasks {names} share a name, and so their results files; give each a name=NAME")
   out_dir = os.path.join(workdir, RESULTS_DIR)
-  cache_dir = options.rices_cache or os.path.join(out_dir, RICES_CACHE)
+  rices_cache = os.path.join(out_dir, RICES_CACHE)
   _check_writable(out_dir)
   config = config_lib.read_resolved(workdir)
   family = families.of_config(config)
   task = family.task(config, workdir)
   for t in eval_tasks:
     check_answerable(family.name, task, t)
-  overrides = dict(config.eval.get("prompts", None) or {})
-  templates = {t.name: prompts_lib.template_for(t.kind, overrides) for t in eval_tasks}
-  data = []
-  most = max(options.shots)
-  for t in eval_tasks:
-    queries = t.queries(task.data_dir)
-    queries = queries[:options.limit] if options.limit else queries
-    support = t.support_items(task.data_dir) if most else None
-    for k in options.shots:
-      check_shots(t, k, len(support) if support is not None else 0)
-    data.append(_Loaded(t, queries, support))
-
+  overrides = {**dict(config.eval.get("prompts", None) or {}), **dict(options.prompts)}
+  templates = {t.name: prompts_lib.template_for(t.kind, overrides) for t in eval_tasks
+               if t.kind in benchmark.GENERATED_KINDS}
+  data = _load_data(eval_tasks, task, options)
   side = image_size(config, task)
-  for loaded in data:  # the family's refusal of a few-shot prompt, before the model is loaded
-    for k in options.shots:
+  for t in eval_tasks:  # the family's refusal of a few-shot prompt, before the model is loaded
+    for k in options.shots if t.kind in benchmark.GENERATED_KINDS else ():
       if k:
-        request = _requests(templates[loaded.task.name], loaded, [list(range(k))], _image_reader(loaded, side))[0]
-        _check_prompt(family.name, task, loaded.task, k, request)
+        loaded = data[t.name]
+        request = _requests(templates[t.name], loaded, [list(range(k))], _image_reader(loaded, side))[0]
+        _check_prompt(family.name, task, t, k, request)
   step, params = loop.restore_params(config, workdir, task)
-  answerer = Answerer(config, task, params, num_devices=options.num_devices, batch_size=options.batch_size,
-                      num_beams=options.num_beams, length_penalty=options.length_penalty)
-  tower = None
   results = []
-  for loaded in data:
-    t = loaded.task
-    template = templates[t.name]
-    image_of = _image_reader(loaded, side)
+  answerer, tower = None, None
+  for t in eval_tasks:
+    if t.kind in benchmark.EMBEDDING_KINDS:
+      if any(options.shots):
+        printer(f"task {t.name!r} ({t.kind}) is zero-shot only: evaluated once, without in-context examples")
+      started = time.time()
+      res = _header(t, 0, "zero-shot", family.name, workdir, step, config)
+      res.update(_embedding_scores(task, params, t.kind, data[t.name], side, options.limit))
+      res["seconds"] = round(time.time() - started, 1)
+      results.append(_write(out_dir, res))
+      continue
+    answerer = answerer or Answerer(config, task, params, num_devices=options.num_devices,
+                                    batch_size=options.batch_size, num_beams=options.num_beams,
+                                    length_penalty=options.length_penalty)
     for k in options.shots:
       started = time.time()
       selection = options.selection if k else "zero-shot"
-      runs = []
-      if k and selection == "rices":
-        if tower is None:
-          tower = _tower(config, params, options)
-        embedder, side, tower_info = tower
-        selector = rices.RICES(embedder, benchmark.Images(loaded.support, side), cache_dir=cache_dir,
-                               support_key=f"{t.spec}|{task.data_dir}|support|{len(loaded.support)}|{side}|"
-                                           f"{_ids_digest(loaded.support)}")
-        draws = [(None, selector.select(benchmark.Images(loaded.queries, side), k))]
-      elif k:
-        draws = [(seed, rices.random_examples(list(range(len(loaded.queries))), len(loaded.support), k, seed=seed))
-                 for seed in range(options.seeds)]
-      else:
-        draws = [(None, [[] for _ in loaded.queries])]
-      for seed, chosen in draws:
-        requests = _requests(template, loaded, chosen, image_of)
-        generations = answerer.answer(requests, _max_new_tokens(config, t.kind, options))
-        scores, metric, rows = benchmark.score(t.kind, loaded.queries, generations, postprocess=options.postprocess)
-        for row, indices in zip(rows, chosen):
-          row["shots"] = [loaded.support[i].item_id for i in indices]
-        runs.append({"seed": seed, "scores": scores, "examples": rows})
-      summary = {name: _spread([r["scores"][name] for r in runs]) for name in runs[0]["scores"]}
-      res = {
-          "task": t.name, "kind": t.kind, "spec": t.spec, "shots": k, "selection": selection,
-          "family": family.name, "workdir": os.path.abspath(workdir), "step": step, "date": _now(),
-          "queries": len(loaded.queries), "support": len(loaded.support) if loaded.support is not None else 0,
-          "metric": metric, "prompt_template": template.text,
-          "decoding": {"num_beams": options.num_beams, "length_penalty": options.length_penalty,
-                       "max_new_tokens": _max_new_tokens(config, t.kind, options),
-                       "method": "beam search" if options.num_beams > 1 else "greedy"},
-          "devices": answerer.num_devices, "batch_split": answerer.split,
-          "rices_tower": tower[2] if k and selection == "rices" else None,
-          "seeds": [r["seed"] for r in runs] if selection == "random" else None,
-          "scores": summary, "runs": runs, "seconds": round(time.time() - started, 1),
-          "config": config.to_dict(),
-      }
-      path = os.path.join(out_dir, results_name(t.name, k, selection))
-      filelock.atomic_write(path, json.dumps(res, indent=1, ensure_ascii=False, default=str).encode())
-      res["path"] = path
-      results.append(res)
+      if selection == "rices":
+        tower = tower or _tower(config, params, options)
+      res = _header(t, k, selection, family.name, workdir, step, config)
+      res.update(_few_shot(answerer, data[t.name], templates[t.name], k, selection, tower, side, options,
+                           _max_new_tokens(config, t.kind, options), options.rices_cache or rices_cache))
+      res["seconds"] = round(time.time() - started, 1)
+      results.append(_write(out_dir, res))
   printer(markdown_table(results))
   return results
 
 
+def _few_shot(answerer: Answerer, loaded: _Loaded, template: prompts_lib.PromptTemplate, k: int, selection: str,
+              tower, side: int | None, options: Options, max_new_tokens: int, rices_cache: str) -> dict:
+  """The results fields of one task at k shots: each run's (seed's) answers and scores."""
+  n = len(loaded.queries)
+  if selection == "rices":
+    draws = [(None, _rices_choice(tower, loaded, k, rices_cache))]
+  elif selection == "random":
+    draws = [(seed, rices.random_examples(list(range(n)), len(loaded.support), k, seed=seed))
+             for seed in range(options.seeds)]
+  else:
+    draws = [(None, [[] for _ in range(n)])]
+  image_of = _image_reader(loaded, side)
+  runs = []
+  for seed, chosen in draws:
+    generations = []
+    for first in range(0, n, WAVE):  # one wave's prompts and images in memory at a time
+      generations += answerer.answer(_requests(template, loaded, chosen[first:first + WAVE], image_of, first),
+                                     max_new_tokens)
+    scores, metric, rows = benchmark.score(loaded.task.kind, loaded.queries, generations,
+                                           postprocess=options.postprocess)
+    for row, indices in zip(rows, chosen):
+      row["shots"] = [loaded.support[i].item_id for i in indices]
+    runs.append({"seed": seed, "scores": scores, "examples": rows})
+  return {
+      "queries": n, "support": len(loaded.support) if loaded.support is not None else 0,
+      "metric": metric, "prompt_template": template.text,
+      "decoding": {"method": "beam search" if options.num_beams > 1 else "greedy", "num_beams": options.num_beams,
+                   "length_penalty": options.length_penalty, "max_new_tokens": max_new_tokens},
+      "devices": answerer.num_devices, "batch_split": answerer.split,
+      "rices_tower": tower[2] if selection == "rices" else None,
+      "seeds": [r["seed"] for r in runs] if selection == "random" else None,
+      "scores": {name: _spread([r["scores"][name] for r in runs]) for name in runs[0]["scores"]},
+      "runs": runs,
+  }
+
+
+def _rices_choice(tower, loaded: _Loaded, k: int, cache_dir: str) -> list[list[int]]:
+  """Per query, the k support indices RICES chooses (the most similar last)."""
+  embedder, side, _ = tower
+  # The support set is named by its items (ids and image files or bytes' digest) and side.
+  selector = rices.RICES(embedder, benchmark.Images(loaded.support, side), cache_dir=cache_dir,
+                         support_key=f"{loaded.task.kind}|{len(loaded.support)}|{side}|{_items_digest(loaded.support)}")
+  return selector.select(benchmark.Images(loaded.queries, side), k)
+
+
+# Queries whose prompts (and images) are built at once; a wave of prompts of another length
+# bucket or image count compiles once more.
+WAVE = 1024
+# Support images kept decoded (random and RICES examples repeat across queries).
+SUPPORT_IMAGES_KEPT = 4096
+# Images embedded per call of Task.embed_images (a benchmark's images are never all in memory).
+EMBED_CHUNK = 512
+
+
+def _embed_image_files(task: families.Task, params, paths: Sequence[str], side: int) -> np.ndarray:
+  out = []
+  for start in range(0, len(paths), EMBED_CHUNK):
+    images = np.stack([load_image_file(p, side) for p in paths[start:start + EMBED_CHUNK]])
+    out.append(np.asarray(task.embed_images(params, images)))
+  return np.concatenate(out)
+
+
+def _embedding_scores(task: families.Task, params, kind: str, data, side: int, limit: int) -> dict:
+  """The results fields of a retrieval or classification task, by the family's embeddings."""
+  if kind == "retrieval":
+    data = benchmark.limited_retrieval(data, limit)
+    scores, metric, rows = benchmark.retrieval_scores(
+        data, _embed_image_files(task, params, data.image_paths, side),
+        np.asarray(task.embed_texts(params, list(data.captions))))
+    count = len(data.image_paths)
+  else:
+    examples = data.examples[:limit] if limit else data.examples
+    prompts = [p for per_class in data.prompts() for p in per_class]
+    scores, metric, rows = benchmark.classification_scores(
+        data, examples, _embed_image_files(task, params, [e.image_path for e in examples], side),
+        np.asarray(task.embed_texts(params, prompts)))
+    count = len(examples)
+  return {"queries": count, "metric": metric, "scores": {name: _spread([v]) for name, v in scores.items()},
+          "runs": [{"seed": None, "scores": scores, "examples": rows}]}
+
+
 def _image_reader(loaded: _Loaded, image_size: int | None):
-  """(which, index) -> image, each read once."""
-  cache: dict[tuple[str, int], np.ndarray] = {}
+  """(which, index) -> image: a query's read when asked, a support example's kept (the most
+  recent SUPPORT_IMAGES_KEPT)."""
+
+  @functools.lru_cache(maxsize=SUPPORT_IMAGES_KEPT)
+  def support_image(i: int) -> np.ndarray:
+    return benchmark.load_image(loaded.support[i], image_size)
 
   def image_of(which: str, i: int) -> np.ndarray:
-    if (which, i) not in cache:
-      items = loaded.queries if which == "query" else loaded.support
-      cache[(which, i)] = benchmark.load_image(items[i], image_size)
-    return cache[(which, i)]
+    return support_image(i) if which == "support" else benchmark.load_image(loaded.queries[i], image_size)
   return image_of
 
 
-def _ids_digest(items: Sequence[benchmark.Item]) -> str:
-  return hashlib.sha256("\0".join(str(i.item_id) for i in items).encode()).hexdigest()
+def _items_digest(items: Sequence[benchmark.Item]) -> str:
+  """SHA-256 of the items' ids and images (a file's path, or the bytes' own digest)."""
+  h = hashlib.sha256()
+  for item in items:
+    image = hashlib.sha256(item.image).hexdigest() if isinstance(item.image, bytes) else item.image
+    h.update(f"{item.item_id}\0{image}\0".encode())
+  return h.hexdigest()
+
+
+def _is_percent(score_name: str) -> bool:
+  return score_name in ("accuracy", "chance") or "_R@" in score_name
 
 
 def markdown_table(results: Sequence[dict]) -> str:
@@ -429,11 +541,13 @@ def markdown_table(results: Sequence[dict]) -> str:
   for r in results:
     cells = []
     for name, s in r["scores"].items():
-      shown = f"{s['mean']:.2f}" if name == "accuracy" else f"{s['mean']:.3f}"
+      digits = 2 if _is_percent(name) else 3
+      shown = f"{s['mean']:.{digits}f}"
       if len(r["runs"]) > 1:
-        shown += f" ± {s['std']:.2f} ({len(r['runs'])} seeds)" if name == "accuracy" else f" ± {s['std']:.3f}"
+        shown += f" ± {s['std']:.{digits}f}"
       cells.append(f"{name} {shown}")
-    lines.append(f"| {r['task']} | {r['shots']} | {r['selection']} | {'; '.join(cells)} | {r['queries']} | "
+    seeds = f" ({len(r['runs'])} seeds)" if len(r["runs"]) > 1 else ""
+    lines.append(f"| {r['task']} | {r['shots']} | {r['selection']}{seeds} | {'; '.join(cells)} | {r['queries']} | "
                  f"{r['family']} | {r['step']} |")
   return "\n".join(lines)
 
@@ -455,6 +569,15 @@ def tasks_of_config(config: ml_collections.ConfigDict) -> list[str]:
   if isinstance(value, str):
     return [s.strip() for s in value.split(";") if s.strip()]
   return [str(s) for s in value]
+
+
+def parse_prompt(value: str) -> tuple[str, str]:
+  """"KIND=TEMPLATE" -> (kind, template), the template checked; ValueError naming the value otherwise."""
+  kind, equals, text = value.partition("=")
+  if not equals:
+    raise ValueError(f"--prompt {value!r}; expected KIND=TEMPLATE, e.g. 'vqa=<image>Question: {{question}} "
+                     "Answer: {{answer}}<|endofchunk|>'")
+  return kind.strip(), prompts_lib.PromptTemplate(kind.strip(), text).text
 
 
 def parse_shots(value: str) -> tuple[int, ...]:

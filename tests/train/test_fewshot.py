@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -22,9 +23,7 @@ SMALL = ["--config.data.batch_size=4", "--config.data.text_length=32", "--config
          "--config.model.vision.image_size=16", "--config.train.num_steps=2", "--config.schedule.warmup_steps=1",
          "--config.checkpoint.every_steps=2", "--config.eval.every_steps=0", "--config.eval.num_batches=1",
          "--config.log.tensorboard=False", "--config.model.decoder.depth=2", "--config.model.resampler.depth=1",
-         "--config.model.vision.depth=1", "--config.mesh.num_devices=1",
-         # the embedded data's own wording, as configs/flamingo/tiny_interleaved.py asks
-         "--config.eval.max_new_tokens=3"]
+         "--config.model.vision.depth=1", "--config.mesh.num_devices=1", "--config.eval.max_new_tokens=3"]
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +48,22 @@ def _answers(res):
   return [[row["generated"] for row in r["examples"]] for r in res["runs"]]
 
 
+def _files_outside_eval(workdir):
+  out = {}
+  for dirpath, dirnames, files in os.walk(workdir):
+    dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) != os.path.join(workdir, "eval")]
+    for f in files:
+      path = os.path.join(dirpath, f)
+      out[path] = (os.path.getsize(path), os.path.getmtime(path))
+  return out
+
+
 def test_zero_and_two_shot_vqa_write_results_with_prompts_shots_and_scores(workdir, capsys):
+  before = _files_outside_eval(workdir)
   results = fewshot.run(workdir, ["vqa:embedded"], _options(shots=(0, 2), seeds=2))
+  assert _files_outside_eval(workdir) == before  # a reader: the training's files untouched
   table = capsys.readouterr().out
-  assert "| vqa | 0 | zero-shot |" in table and "| vqa | 2 | random |" in table and "(2 seeds)" in table
+  assert "| vqa | 0 | zero-shot |" in table and "| vqa | 2 | random (2 seeds) |" in table
   zero, two = results
   assert os.path.basename(zero["path"]) == "vqa-0shot.json" and os.path.basename(two["path"]) == "vqa-2shot-random.json"
   saved = json.load(open(two["path"]))
@@ -105,6 +116,14 @@ def test_eight_devices_give_the_answers_of_one(workdir):
   assert one["runs"][0]["scores"] == eight["runs"][0]["scores"]
 
 
+def test_beam_search_of_one_token_answers_what_greedy_does(workdir):
+  # With one new token every beam finishes at once; the best is the most probable token.
+  greedy, = fewshot.run(workdir, ["vqa:embedded"], _options(max_new_tokens=1))
+  beams, = fewshot.run(workdir, ["vqa:embedded"], _options(max_new_tokens=1, num_beams=3))
+  assert beams["decoding"] == {"method": "beam search", "num_beams": 3, "length_penalty": 0.0, "max_new_tokens": 1}
+  assert _answers(beams) == _answers(greedy)
+
+
 def test_task_files_with_a_support_set_are_answered_as_the_benchmark_files_name_them(workdir, data_dir, tmp_path):
   val = task_files.write_embedded_tasks(str(tmp_path / "val"), data_dir, "validation")["vqa"]
   train = task_files.write_embedded_tasks(str(tmp_path / "train"), data_dir, "train")["vqa"]
@@ -125,14 +144,6 @@ def test_a_task_without_a_support_set_is_refused_few_shot(workdir, data_dir, tmp
   val = task_files.write_embedded_tasks(str(tmp_path / "val"), data_dir, "validation")["vqa"]
   with pytest.raises(ValueError, match="has no support set"):
     fewshot.run(workdir, [val], _options(shots=(1,)))
-
-
-def test_a_contrastive_model_is_refused_vqa_naming_the_family_and_the_task(data_dir):
-  config = config_lib.load_config("clip/tiny", [f"--config.data.dir={data_dir}"])
-  task = families.of_config(config).task(config, None)
-  with pytest.raises(ValueError, match=r"family 'contrastive' cannot answer task 'vqa' \(vqa\): its model does not "
-                                       r"generate text"):
-    fewshot.check_answerable("contrastive", task, parse_eval_task("vqa:embedded"))
 
 
 def test_retrieval_is_refused_to_a_generating_family(workdir, data_dir, tmp_path):
@@ -178,7 +189,22 @@ def test_templates_cut_the_query_before_the_answer_and_check_their_fields():
   assert t.prompt([shot], {"question": "what colour?", "answer": "red"}) == (
       "<image>Question:how many? Short answer:3<|endofchunk|><image>Question:what colour? Short answer:")
   assert prompts.template_for("captioning", {"captioning": "<image>{caption}<|endofchunk|>"}).query(caption="x") == "<image>"
+  # The space before the answer is the answer's to write, as the tokenizer joined it in training.
+  spaced = prompts.PromptTemplate("vqa", "<image>Question: {question} Answer: {answer}<|endofchunk|>")
+  assert spaced.query(question="how many?") == "<image>Question: how many? Answer:"
   with pytest.raises(ValueError, match="exactly once"):
     prompts.PromptTemplate("vqa", "<image>{question}")
   with pytest.raises(ValueError, match="no <image>"):
     prompts.PromptTemplate("captioning", "Output:{caption}")
+
+
+def test_config_eval_tasks_name_the_tasks_as_a_list_or_a_string_split_at_semicolons():
+  assert fewshot.tasks_of_config(config_lib.load_config(cli.TINY)) == []
+  config = ml_collections.ConfigDict({"eval": {"tasks": "vqa:embedded; captioning:embedded,name=c"}})
+  assert fewshot.tasks_of_config(config) == ["vqa:embedded", "captioning:embedded,name=c"]
+  config = ml_collections.ConfigDict({"eval": {"tasks": ["vqa:embedded"]}})
+  assert fewshot.tasks_of_config(config) == ["vqa:embedded"]
+  assert fewshot.parse_shots("0,4,8") == (0, 4, 8)
+  with pytest.raises(ValueError, match="'0,four'"):
+    fewshot.parse_shots("0,four")
+  assert fewshot.parse_prompt("vqa=<image>Q: {question} A: {answer}") == ("vqa", "<image>Q: {question} A: {answer}")

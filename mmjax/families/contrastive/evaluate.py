@@ -125,14 +125,15 @@ def _pair_records(data_dir: str, config, tokenizer, image_size: int, limit: int)
   return np.stack(images), np.stack(ids), np.stack(masks), contents, skipped
 
 
-def embedder(model, params, batch_size: int = 100):
-  """(images -> [N, E], (ids, mask) -> [N, E]) in fixed-size jitted batches (the last padded)."""
+def embedding_fns(model, batch_size: int = 100):
+  """((params, images) -> [N, E], (params, ids, mask) -> [N, E]): the towers jitted once, run
+  in fixed-size batches (the last padded), so every call reuses one compilation."""
   image_fn = jax.jit(lambda p, x: model.module.apply({"params": p}, x, method="encode_image"))
   use_mask = model.config.text.pooling == "eos"
   text_fn = jax.jit(lambda p, i, m: model.module.apply({"params": p}, i, m if use_mask else None,
                                                       method="encode_text"))
 
-  def batched(fn, *arrays):
+  def batched(fn, params, *arrays):
     n, out = arrays[0].shape[0], []
     for start in range(0, n, batch_size):
       chunk = [a[start:start + batch_size] for a in arrays]
@@ -142,6 +143,12 @@ def embedder(model, params, batch_size: int = 100):
     return np.concatenate(out)
 
   return functools.partial(batched, image_fn), functools.partial(batched, text_fn)
+
+
+def embedder(model, params, batch_size: int = 100):
+  """(images -> [N, E], (ids, mask) -> [N, E]) in fixed-size jitted batches (the last padded)."""
+  embed_images, embed_texts = embedding_fns(model, batch_size)
+  return functools.partial(embed_images, params), functools.partial(embed_texts, params)
 
 
 def class_embeddings(embed_text, tokenizer, length: int, prompts: list[list[str]]) -> np.ndarray:

@@ -30,6 +30,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mmjax import data as data_lib
 from mmjax.data import pairs
@@ -166,12 +167,19 @@ def contrastive_task(config: ml_collections.ConfigDict, workdir: str | None = No
   def evaluate(params) -> dict:
     return evaluate_lib.evaluate(model, params, tokenizer, d, config)
 
+  embed_images, embed_ids = evaluate_lib.embedding_fns(model)
+
+  def embed_texts(params, texts: list[str]):
+    encoded = [pairs.encode_text(tokenizer, text, length, truncate=True)[:2] for text in texts]
+    return embed_ids(params, np.stack([e[0] for e in encoded]), np.stack([e[1] for e in encoded]))
+
   return base.Task(init_params=model.init, apply_fn=model.apply, param_labels=contrastive.param_labels,
                    train_data=train_data, val_data=val_data,
                    flops_per_example=lambda trainable: train_flops(cfg, length, trainable),
                    boxed_params=model.boxed, workdir_files=lambda: {common.TOKENIZER_COPY: tokenizer_bytes},
                    loss_fn=model.loss, components=contrastive.COMPONENTS, tokenizer=tokenizer, data_dir=d,
-                   param_metrics=param_metrics, evaluate=evaluate)
+                   param_metrics=param_metrics, evaluate=evaluate, embed_images=embed_images,
+                   embed_texts=embed_texts)
 
 
 def abstract(config: ml_collections.ConfigDict) -> base.AbstractModel:
