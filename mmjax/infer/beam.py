@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.infer.generate import DEFAULT_BUCKETS, Decoding, GenerateOutput, bucket
+from mmjax.infer.generate import DEFAULT_BUCKETS, Decoding, GenerateOutput, prepare_prompts
 
 # The score transformers gives the K - 1 beams that do not exist before the first token.
 ABSENT_BEAM_SCORE = -1e9
@@ -224,42 +224,9 @@ class BeamSearch:
     return self._axes[key]
 
   def _prepare(self, inputs, prompt_ids, prompt_lengths, max_new_tokens: int, pad_id: int):
-    """Checks the prompts as ``Generator.generate`` does and pads them to their bucket:
-    (inputs, padded prompts Int32[B, Tb], prompt lengths Int32[B], cache length)."""
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
-    if pad_id in self.decoding.banned_ids:
-      raise ValueError(f"pad_id={pad_id} is one of the model's special ids {self.decoding.banned_ids} "
-                       "(e.g. <image>); expected another id")
-    inputs = {name: v for name, v in (inputs or {}).items() if v is not None}
-    prompt_ids = np.asarray(prompt_ids)
-    if prompt_ids.ndim != 2:
-      raise ValueError(f"prompt_ids has shape {prompt_ids.shape}; expected [batch, length]")
-    b, t = prompt_ids.shape
-    lengths = (np.full((b,), t, np.int32) if prompt_lengths is None
-               else np.asarray(prompt_lengths, np.int32))
-    if lengths.shape != (b,) or (lengths < 1).any() or (lengths > t).any():
-      raise ValueError(f"prompt_lengths {lengths.tolist()}; expected {b} values in [1, {t}]")
-    for path, x in jax.tree_util.tree_leaves_with_path(inputs):
-      if np.ndim(x) < 1 or np.shape(x)[0] != b:
-        raise ValueError(f"inputs{jax.tree_util.keystr(path)} has shape {np.shape(x)}; expected the batch "
-                         f"({b} prompts) first")
-    # Padding beyond each prompt must not count as a special token (an <image>).
-    beyond = np.arange(t)[None, :] >= lengths[:, None]
-    prompt_ids = np.where(beyond, np.int32(pad_id), prompt_ids).astype(np.int32)
-    max_length = self.decoding.max_length
-    total = int(lengths.max()) + max_new_tokens
-    if total > max_length:
-      raise ValueError(f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) = {total}"
-                       f" exceeds the configured maximum {max_length}")
-    if self.decoding.validate is not None:
-      self.decoding.validate(inputs, prompt_ids)
-    # As Generator.generate: max_length is an extra bucket.
-    prompt_bucket = min(bucket(t, self.prompt_buckets, "prompt length"), max_length)
-    cache_len = min(bucket(max(prompt_bucket, total), self.length_buckets, "total length"), max_length)
-    padded = np.full((b, prompt_bucket), pad_id, np.int32)
-    padded[:, :t] = prompt_ids
-    return jax.tree.map(jnp.asarray, inputs), padded, lengths, cache_len
+    """``Generator.generate``'s checks and buckets (``prepare_prompts``)."""
+    return prepare_prompts(self.decoding, self.prompt_buckets, self.length_buckets, inputs, prompt_ids,
+                           prompt_lengths, max_new_tokens, pad_id)
 
   def search(
       self,

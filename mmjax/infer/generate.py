@@ -78,6 +78,48 @@ class GenerateOutput:
   lengths: np.ndarray
 
 
+def prepare_prompts(decoding: Decoding, prompt_buckets: Sequence[int], length_buckets: Sequence[int],
+                    inputs: Mapping[str, Any] | None, prompt_ids: Any, prompt_lengths: Any,
+                    max_new_tokens: int, pad_id: int):
+  """The checks every decoding method makes of its prompts, and their buckets: (inputs as
+  arrays, prompts padded to their bucket Int32[B, Tb], prompt lengths Int32[B], cache
+  length). Raises ValueError naming what does not fit."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
+  if pad_id in decoding.banned_ids:
+    raise ValueError(f"pad_id={pad_id} is one of the model's special ids {decoding.banned_ids} "
+                     "(e.g. <image>); expected another id")
+  inputs = {name: v for name, v in (inputs or {}).items() if v is not None}
+  prompt_ids = np.asarray(prompt_ids)
+  if prompt_ids.ndim != 2:
+    raise ValueError(f"prompt_ids has shape {prompt_ids.shape}; expected [batch, length]")
+  b, t = prompt_ids.shape
+  lengths = (np.full((b,), t, np.int32) if prompt_lengths is None
+             else np.asarray(prompt_lengths, np.int32))
+  if lengths.shape != (b,) or (lengths < 1).any() or (lengths > t).any():
+    raise ValueError(f"prompt_lengths {lengths.tolist()}; expected {b} values in [1, {t}]")
+  for path, x in jax.tree_util.tree_leaves_with_path(inputs):
+    if np.ndim(x) < 1 or np.shape(x)[0] != b:
+      raise ValueError(f"inputs{jax.tree_util.keystr(path)} has shape {np.shape(x)}; expected the batch "
+                       f"({b} prompts) first")
+  # Padding beyond each prompt must not count as a special token (an <image>).
+  beyond = np.arange(t)[None, :] >= lengths[:, None]
+  prompt_ids = np.where(beyond, np.int32(pad_id), prompt_ids).astype(np.int32)
+  max_length = decoding.max_length
+  total = int(lengths.max()) + max_new_tokens
+  if total > max_length:
+    raise ValueError(f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) = {total}"
+                     f" exceeds the configured maximum {max_length}")
+  if decoding.validate is not None:
+    decoding.validate(inputs, prompt_ids)
+  # max_length is an extra bucket: t <= total <= max_length, so both fit under it.
+  prompt_bucket = min(bucket(t, prompt_buckets, "prompt length"), max_length)
+  cache_len = min(bucket(max(prompt_bucket, total), length_buckets, "total length"), max_length)
+  padded = np.full((b, prompt_bucket), pad_id, np.int32)
+  padded[:, :t] = prompt_ids
+  return jax.tree.map(jnp.asarray, inputs), padded, lengths, cache_len
+
+
 class Generator:
   """Holds a family's jitted prefill and decode steps (compiled once per bucket).
 
@@ -155,42 +197,13 @@ class Generator:
     if sampling.method != "greedy" and rng is None:
       raise ValueError(f"sampling method {sampling.method!r} needs rng (a PRNG key)")
     rng = jax.random.key(0) if rng is None else rng
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
-    if pad_id in self.decoding.banned_ids:
-      raise ValueError(f"pad_id={pad_id} is one of the model's special ids {self.decoding.banned_ids} "
-                       "(e.g. <image>); expected another id")
-    inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
-    prompt_ids = np.asarray(prompt_ids)
-    if prompt_ids.ndim != 2:
-      raise ValueError(f"prompt_ids has shape {prompt_ids.shape}; expected [batch, length]")
-    b, t = prompt_ids.shape
-    lengths = (np.full((b,), t, np.int32) if prompt_lengths is None
-               else np.asarray(prompt_lengths, np.int32))
-    if lengths.shape != (b,) or (lengths < 1).any() or (lengths > t).any():
-      raise ValueError(f"prompt_lengths {lengths.tolist()}; expected {b} values in [1, {t}]")
-    # Padding beyond each prompt must not count as a special token (an <image>).
-    beyond = np.arange(t)[None, :] >= lengths[:, None]
-    prompt_ids = np.where(beyond, np.int32(pad_id), prompt_ids).astype(np.int32)
-    max_length = self.decoding.max_length
-    total = int(lengths.max()) + max_new_tokens
-    if total > max_length:
-      raise ValueError(
-          f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) = {total}"
-          f" exceeds the configured maximum {max_length}")
-    if self.decoding.validate is not None:
-      self.decoding.validate(inputs, prompt_ids)
-
-    # max_length is an extra bucket: t <= total <= max_length, so both fit under it.
-    prompt_bucket = min(bucket(t, self.prompt_buckets, "prompt length"), max_length)
-    cache_len = min(bucket(max(prompt_bucket, total), self.length_buckets, "total length"),
-                    max_length)
-    padded = np.full((b, prompt_bucket), pad_id, np.int32)
-    padded[:, :t] = prompt_ids
+    inputs, padded, lengths, cache_len = prepare_prompts(
+        self.decoding, self.prompt_buckets, self.length_buckets, inputs, prompt_ids, prompt_lengths,
+        max_new_tokens, pad_id)
+    b = padded.shape[0]
     params = nn.unbox(params)
     params = params if "params" in params else {"params": params}
     cache = self.decoding.init_cache(b, cache_len)
-    inputs = jax.tree.map(jnp.asarray, inputs)
 
     knob = knobs(sampling)
     rng, step_rng = jax.random.split(rng)
