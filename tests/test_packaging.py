@@ -69,8 +69,9 @@ def test_shipped_configs_resolve_by_name_and_by_repository_path_from_any_directo
   assert os.path.samefile(config_lib.resolve_config_path("configs/flamingo/tiny.py"), shipped)
   assert config_lib.resolve_config_path("flamingo/tiny.py:arg") == shipped + ":arg"
   assert config_lib.builtin_configs() == ["blip2/tiny_stage1", "blip2/tiny_stage2", "clip/tiny", "flamingo/staged",
-                                         "flamingo/tiny", "instructblip/tiny", "llava/tiny_stage1",
-                                         "llava/tiny_stage2", "lm/tiny", "lm/tiny_reading", "siglip/tiny"]
+                                         "flamingo/tiny", "flamingo/tiny_interleaved", "instructblip/tiny",
+                                         "llava/tiny_stage1", "llava/tiny_stage2", "lm/tiny", "lm/tiny_reading",
+                                         "siglip/tiny"]
   config = config_lib.load_config("flamingo/staged", ["--config.train.num_steps=7"])
   assert config.train.num_steps == 7 and config.freeze.stages.startswith("0:")
   # siglip/tiny builds on clip/tiny by its own path, not the working directory.
