@@ -121,6 +121,9 @@ def eval_main(argv: list[str]) -> int:
   tasks.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
   tasks.add_argument("--num-devices", type=int, default=0, help="devices of the mesh (0: the config's)")
   tasks.add_argument("--max-new-tokens", type=int, default=0, help="tokens per answer (0: per kind)")
+  tasks.add_argument("--text-only-examples", type=int, default=0, help="zero-shot: this many random support "
+                     "examples' text before each query, their images left out (docs/evaluation.md: the zero-shot "
+                     "protocol with 2)")
   tasks.add_argument("--prompt", action="append", default=[], help="KIND=TEMPLATE (repeatable): the prompt template "
                      "of a task kind, over config.eval.prompts and the defaults (mmjax.evaluation.prompts)")
   args = p.parse_args(argv)
@@ -134,7 +137,7 @@ def eval_main(argv: list[str]) -> int:
         rices_tower=args.rices_tower, rices_cache=args.rices_cache, num_beams=args.num_beams,
         length_penalty=args.length_penalty, limit=args.limit,
         batch_size=args.batch_size, num_devices=args.num_devices, max_new_tokens=args.max_new_tokens,
-        prompts=tuple(fewshot.parse_prompt(v) for v in args.prompt),
+        prompts=tuple(fewshot.parse_prompt(v) for v in args.prompt), text_only_examples=args.text_only_examples,
         **({"postprocess": args.postprocess} if args.postprocess else {}))
     for res in fewshot.run(args.workdir, specs, options):
       print(f"{res['path']}")

@@ -63,6 +63,10 @@ from mmjax.train import workdir as workdir_lib
 RESULTS_DIR = "eval"
 RICES_CACHE = "rices-cache"
 SELECTIONS = ("random", "rices")
+ZERO_SHOT = "zero-shot"
+# Zero-shot with solved examples' text before the query, their images left out (OpenFlamingo's
+# zero-shot protocol: two such examples, drawn at random).
+TEXT_ONLY = "text-only"
 # Tokens generated per answer when neither the flag nor the config says: OpenFlamingo's VQA
 # length, and room for the longest embedded caption (22 tokens).
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 5, "captioning": 24}
@@ -95,12 +99,17 @@ class Options:
   max_new_tokens: int = 0
   # (kind, template) pairs replacing the config's `eval.prompts` and the defaults
   prompts: tuple[tuple[str, str], ...] = ()
+  # zero-shot: this many random support examples' text (no image) before each query
+  # (OpenFlamingo's zero-shot protocol uses 2); 0: none
+  text_only_examples: int = 0
 
   def __post_init__(self):
     if not self.shots or any(k < 0 for k in self.shots):
       raise ValueError(f"shots={list(self.shots)}; expected one or more counts >= 0")
     if self.selection not in SELECTIONS:
       raise ValueError(f"selection={self.selection!r}; expected one of {SELECTIONS}")
+    if self.text_only_examples < 0:
+      raise ValueError(f"text_only_examples={self.text_only_examples}; expected >= 0")
     if self.seeds < 1 or self.num_beams < 1 or self.batch_size < 1 or self.limit < 0 or self.num_devices < 0:
       raise ValueError(f"seeds={self.seeds}, num_beams={self.num_beams}, batch_size={self.batch_size}, "
                        f"limit={self.limit}, num_devices={self.num_devices}; expected seeds, num_beams and "
@@ -110,8 +119,8 @@ class Options:
 
 
 def results_name(task_name: str, shots: int, selection: str) -> str:
-  """`<task>-<shots>shot[-rices|-random].json` (zero-shot has no selection)."""
-  return f"{task_name}-{shots}shot" + (f"-{selection}" if shots else "") + ".json"
+  """`<task>-<shots>shot[-rices|-random|-text-only].json` (plain zero-shot has no suffix)."""
+  return f"{task_name}-{shots}shot" + (f"-{selection}" if selection != ZERO_SHOT else "") + ".json"
 
 
 # ------------------------------------------------------------------------------ generation
@@ -294,13 +303,16 @@ class _Loaded:
 
 
 def _requests(template: prompts_lib.PromptTemplate, loaded: _Loaded, chosen: list[list[int]],
-              image_of, first: int = 0) -> list[Request]:
-  """The prompts of queries first, first + 1, ...: chosen[j] holds query (first + j)'s examples."""
+              image_of, first: int = 0, text_only: bool = False) -> list[Request]:
+  """The prompts of queries first, first + 1, ...: chosen[j] holds query (first + j)'s examples
+  (with `text_only`, their text without its `<image>`s, and no image of theirs)."""
   out = []
   for q, indices in enumerate(chosen, start=first):
-    shots = [loaded.support[i] for i in indices]
-    text = template.prompt([s.fields for s in shots], loaded.queries[q].fields)
-    out.append(Request(text, [image_of("support", i) for i in indices] + [image_of("query", q)]))
+    shots = "".join(template.example(**loaded.support[i].fields) for i in indices)
+    if text_only:
+      shots = shots.replace(prompts_lib.IMAGE_TOKEN, "")
+    images = [] if text_only else [image_of("support", i) for i in indices]
+    out.append(Request(shots + template.query(**loaded.queries[q].fields), images + [image_of("query", q)]))
   return out
 
 
@@ -362,8 +374,9 @@ def _load_data(eval_tasks, task: families.Task, options: Options) -> dict[str, A
       continue
     queries = t.queries(task.data_dir)
     queries = queries[:options.limit] if options.limit else queries
-    support = t.support_items(task.data_dir) if max(options.shots) else None
-    for k in options.shots:
+    needs_support = max(options.shots) or (0 in options.shots and options.text_only_examples)
+    support = t.support_items(task.data_dir) if needs_support else None
+    for k in (*options.shots, options.text_only_examples if 0 in options.shots else 0):
       check_shots(t, k, len(support) if support is not None else 0)
     data[t.name] = _Loaded(t, queries, support)
   return data
@@ -406,7 +419,7 @@ def run(workdir: str, specs: Sequence[str], options: Options = Options(), *, pri
       if any(options.shots):
         printer(f"task {t.name!r} ({t.kind}) is zero-shot only: evaluated once, without in-context examples")
       started = time.time()
-      res = _header(t, 0, "zero-shot", family.name, workdir, step, config)
+      res = _header(t, 0, ZERO_SHOT, family.name, workdir, step, config)
       res.update(_embedding_scores(task, params, t.kind, data[t.name], side, options.limit))
       res["seconds"] = round(time.time() - started, 1)
       results.append(_write(out_dir, res))
@@ -416,7 +429,7 @@ def run(workdir: str, specs: Sequence[str], options: Options = Options(), *, pri
                                     length_penalty=options.length_penalty)
     for k in options.shots:
       started = time.time()
-      selection = options.selection if k else "zero-shot"
+      selection = options.selection if k else TEXT_ONLY if options.text_only_examples else ZERO_SHOT
       if selection == "rices":
         tower = tower or _tower(config, params, options)
       res = _header(t, k, selection, family.name, workdir, step, config)
@@ -432,10 +445,12 @@ def _few_shot(answerer: Answerer, loaded: _Loaded, template: prompts_lib.PromptT
               tower, side: int | None, options: Options, max_new_tokens: int, rices_cache: str) -> dict:
   """The results fields of one task at k shots: each run's (seed's) answers and scores."""
   n = len(loaded.queries)
+  text_only = selection == TEXT_ONLY
   if selection == "rices":
     draws = [(None, _rices_choice(tower, loaded, k, rices_cache))]
-  elif selection == "random":
-    draws = [(seed, rices.random_examples(list(range(n)), len(loaded.support), k, seed=seed))
+  elif selection in ("random", TEXT_ONLY):
+    m = options.text_only_examples if text_only else k
+    draws = [(seed, rices.random_examples(list(range(n)), len(loaded.support), m, seed=seed))
              for seed in range(options.seeds)]
   else:
     draws = [(None, [[] for _ in range(n)])]
@@ -444,8 +459,8 @@ def _few_shot(answerer: Answerer, loaded: _Loaded, template: prompts_lib.PromptT
   for seed, chosen in draws:
     generations = []
     for first in range(0, n, WAVE):  # one wave's prompts and images in memory at a time
-      generations += answerer.answer(_requests(template, loaded, chosen[first:first + WAVE], image_of, first),
-                                     max_new_tokens)
+      generations += answerer.answer(
+          _requests(template, loaded, chosen[first:first + WAVE], image_of, first, text_only), max_new_tokens)
     scores, metric, rows = benchmark.score(loaded.task.kind, loaded.queries, generations,
                                            postprocess=options.postprocess)
     for row, indices in zip(rows, chosen):
@@ -458,7 +473,8 @@ def _few_shot(answerer: Answerer, loaded: _Loaded, template: prompts_lib.PromptT
                    "length_penalty": options.length_penalty, "max_new_tokens": max_new_tokens},
       "devices": answerer.num_devices, "batch_split": answerer.split,
       "rices_tower": tower[2] if selection == "rices" else None,
-      "seeds": [r["seed"] for r in runs] if selection == "random" else None,
+      "seeds": [r["seed"] for r in runs] if selection in ("random", TEXT_ONLY) else None,
+      "text_only_examples": options.text_only_examples if text_only else 0,
       "scores": {name: _spread([r["scores"][name] for r in runs]) for name in runs[0]["scores"]},
       "runs": runs,
   }

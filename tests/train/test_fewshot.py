@@ -116,6 +116,19 @@ def test_eight_devices_give_the_answers_of_one(workdir):
   assert one["runs"][0]["scores"] == eight["runs"][0]["scores"]
 
 
+def test_zero_shot_with_text_only_examples_puts_their_text_but_not_their_images_before_the_query(workdir):
+  res, = fewshot.run(workdir, ["vqa:embedded"], _options(text_only_examples=2, seeds=2))
+  assert os.path.basename(res["path"]) == "vqa-0shot-text-only.json" and res["text_only_examples"] == 2
+  assert res["seeds"] == [0, 1] and all(len(row["shots"]) == 2 for r in res["runs"] for row in r["examples"])
+  config = config_lib.read_resolved(workdir)
+  task = parse_eval_task("vqa:embedded")
+  loaded = fewshot._Loaded(task, task.queries(config.data.dir)[:1], task.support_items(config.data.dir))
+  blank = np.zeros((16, 16, 3), np.uint8)
+  request, = fewshot._requests(prompts.template_for("vqa"), loaded, [[0, 1]], lambda which, i: blank, text_only=True)
+  assert request.text.count("<image>") == 1 and len(request.images) == 1
+  assert request.text.startswith(f"Question:{loaded.support[0].fields['question']} Short answer:")
+
+
 def test_beam_search_of_one_token_answers_what_greedy_does(workdir):
   # With one new token every beam finishes at once; the best is the most probable token.
   greedy, = fewshot.run(workdir, ["vqa:embedded"], _options(max_new_tokens=1))
