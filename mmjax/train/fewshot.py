@@ -190,6 +190,14 @@ def render(task: families.Task, request: Request) -> tuple[dict[str, np.ndarray]
           int(tok.end_of_chunk_id))
 
 
+def pad_with_last(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """`array` grown to `shape` by repeating its last entry along each axis that is shorter: a
+  family's per-position input (LLaVA's `feature_index`) stays a text position after the
+  prompt, an extra image slot, which no token reads, repeats the last image; no family's
+  padding value is assumed (a 0 there would name image 0)."""
+  return np.pad(array, [(0, s - d) for d, s in zip(array.shape, shape)], mode="edge")
+
+
 class Answerer:
   """Generates the continuation of prompts with images for any family whose Task has a
   `decoding` and reads images: rendered by the family (`Task.render_prompt`) or, without a
@@ -240,7 +248,7 @@ class Answerer:
         ids[i, :len(row_ids)] = row_ids
         lengths[i] = len(row_ids)
         for k, v in row_inputs.items():
-          inputs[k][(i, *(slice(0, s) for s in v.shape))] = v
+          inputs[k][i] = pad_with_last(v, shapes[k])
       if bool(self.config.data.get("blank_images", False)) and "images" in inputs:
         inputs["images"] = np.zeros_like(inputs["images"])
       inputs = {k: jax.device_put(v, batch_sharding) for k, v in inputs.items()}
@@ -283,13 +291,20 @@ def check_shots(eval_task: benchmark.EvalTask, shots: int, support_size: int) ->
 
 
 def _check_prompt(family: str, task: families.Task, eval_task: benchmark.EvalTask, shots: int,
-                  request: Request) -> None:
-  """Renders one prompt with `shots` examples; the family's refusal becomes an error naming both."""
+                  request: Request, max_new_tokens: int) -> None:
+  """Renders one prompt with `shots` examples (the first support examples stand in for the
+  chosen ones); the family's refusal, or a prompt with its answer longer than the model
+  takes, becomes an error naming the family, the task and the shots."""
   try:
-    render(task, request)
+    _, ids, _ = render(task, request)
   except ValueError as e:
     raise ValueError(f"family {family!r} cannot answer task {eval_task.name!r} with {shots} shots: it refuses a "
                      f"prompt with {len(request.images)} images ({e})") from None
+  longest = int(task.decoding.max_length)
+  if len(ids) + max_new_tokens > longest:
+    raise ValueError(f"family {family!r} cannot answer task {eval_task.name!r} with {shots} shots: a prompt of "
+                     f"{len(ids)} tokens (its {len(request.images)} images included) + {max_new_tokens} new tokens "
+                     f"exceeds the {longest} its model takes; ask fewer shots")
 
 
 # ------------------------------------------------------------------------------ one evaluation
@@ -410,7 +425,7 @@ def run(workdir: str, specs: Sequence[str], options: Options = Options(), *, pri
       if k:
         loaded = data[t.name]
         request = _requests(templates[t.name], loaded, [list(range(k))], _image_reader(loaded, side))[0]
-        _check_prompt(family.name, task, t, k, request)
+        _check_prompt(family.name, task, t, k, request, _max_new_tokens(config, t.kind, options))
   step, params = loop.restore_params(config, workdir, task)
   results = []
   answerer, tower = None, None
