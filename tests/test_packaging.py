@@ -92,6 +92,6 @@ def test_a_file_that_exists_wins_over_a_shipped_name(tmp_path, monkeypatch):
 def test_an_unknown_config_names_itself_and_the_shipped_ones(value, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ValueError, match=r"no such file.*blip2/tiny_stage1, blip2/tiny_stage2, clip/tiny, flamingo/staged, "
-                                      r"flamingo/tiny, instructblip/tiny, llava/tiny_stage1, llava/tiny_stage2, lm/tiny, "
+                                      r"flamingo/tiny, flamingo/tiny_interleaved, instructblip/tiny, llava/tiny_stage1, llava/tiny_stage2, lm/tiny, "
                                       r"lm/tiny_reading, siglip/tiny"):
     config_lib.resolve_config_path(value)
