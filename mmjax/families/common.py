@@ -123,3 +123,16 @@ def pipelines(config: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer, 
                                   max_consecutive_bad_records=max_bad, builder=builder)
 
   return train_data, val_data
+
+
+def qa_rows(records, answers: list[str]) -> tuple[float, list[dict]]:
+  """(exact match, one row per question) of generated `answers` to the embedded `qa`
+  `records` they answer, each row its question, answer, the prediction cut from the
+  generation and whether it matched."""
+  rows = []
+  for record, answer in zip(records, answers, strict=True):
+    question, truth = (record[k].decode() if isinstance(record[k], bytes) else str(record[k])
+                       for k in ("question", "answer"))
+    rows.append({"question": question, "answer": truth, "prediction": data_lib.answer_from_generation(answer),
+                 "correct": bool(data_lib.exact_match(answer, truth))})
+  return (sum(r["correct"] for r in rows) / len(rows) if rows else 0.0), rows

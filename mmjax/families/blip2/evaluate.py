@@ -235,13 +235,7 @@ def qa_exact_match(config: ml_collections.ConfigDict, cfg, builder, params, limi
     rendered.append(render_prompt(cfg, builder, user.text, [image]))
     records.append(record)
   answers = _generate(config, cfg, builder, params, rendered, int(config.eval.get("max_new_tokens", 6)), batch)
-  rows = []
-  for record, answer in zip(records, answers):
-    question, truth = (record[k].decode() if isinstance(record[k], bytes) else str(record[k])
-                       for k in ("question", "answer"))
-    rows.append({"question": question, "answer": truth, "prediction": data_lib.answer_from_generation(answer),
-                 "correct": bool(data_lib.exact_match(answer, truth))})
-  return (float(np.mean([r["correct"] for r in rows])) if rows else 0.0), rows
+  return common.qa_rows(records, answers)
 
 
 # Longest embedded caption (22 tokens) and its end.

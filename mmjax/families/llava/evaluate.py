@@ -115,13 +115,7 @@ def qa_exact_match(config: ml_collections.ConfigDict, decoding: infer.Decoding, 
     records.append(record)
   answers = generate_answers(decoding, params, builder, prompts, int(config.eval.get("max_new_tokens", 6)),
                              blank=bool(config.data.get("blank_images", False)))
-  rows = []
-  for record, answer in zip(records, answers):
-    question, truth = (record[k].decode() if isinstance(record[k], bytes) else str(record[k])
-                       for k in ("question", "answer"))
-    rows.append({"question": question, "answer": truth, "prediction": data_lib.answer_from_generation(answer),
-                 "correct": bool(data_lib.exact_match(answer, truth))})
-  return (float(np.mean([r["correct"] for r in rows])) if rows else 0.0), rows
+  return common.qa_rows(records, answers)
 
 
 def evaluate(config: ml_collections.ConfigDict, cfg: llava.LlavaConfig, tokenizer, builder, params) -> dict:
