@@ -16,20 +16,19 @@ Its backward pass computes the kernel's gradient as inputs^T . grad in the kerne
 dimension order (`_contract`), where JAX's transpose rule computes grad^T . inputs and
 transposes the result: XLA:CPU copies the large [tokens, features] gradient into a transposed
 layout for the latter, not for the former. Under rematerialisation JAX's rule is kept
-(`rematerialised`), so TPU programs compiled with remat are unchanged.
+(`rematerialised`, `mmjax.kernels.remat`), so TPU programs compiled with remat are unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.kernels import remat
 from mmjax.sharding import check_logical_axes
 
 default_kernel_init = nn.initializers.lecun_normal()
@@ -81,26 +80,8 @@ def _contract_bwd(n_in, residuals, grad):
 _contract.defvjp(_contract_fwd, _contract_bwd)
 
 
-# Set while a rematerialised module is traced (`rematerialised`).
-_REMATERIALISED = contextvars.ContextVar("mmjax_rematerialised", default=False)
-
-
-@contextlib.contextmanager
-def rematerialised() -> Iterator[None]:
-  """Projections traced inside keep JAX's own backward pass.
-
-  A checkpoint policy decides what to save by primitive (`dots_saveable` keeps the
-  dot_general outputs); it cannot see into a custom_vjp, so under `jax.checkpoint` the
-  product of `_contract` would be recomputed in the backward pass instead of saved (+0.5%
-  FLOPs and a different memory profile for OpenFlamingo-3B on v5e). Every place that
-  rematerialises (the decoder's remat and scanned layers, the train step's remat policies)
-  traces its body inside this context.
-  """
-  token = _REMATERIALISED.set(True)
-  try:
-    yield
-  finally:
-    _REMATERIALISED.reset(token)
+# Projections traced inside keep JAX's own backward pass (mmjax.kernels.remat says why).
+rematerialised = remat.rematerialised
 
 
 def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -109,7 +90,7 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
   outside rematerialisation (`rematerialised`)."""
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   n = len(lhs_contract)
-  plain = (not _REMATERIALISED.get() and not lhs_batch and not rhs_batch and precision is None and preferred_element_type is None
+  plain = (not remat.active() and not lhs_batch and not rhs_batch and precision is None and preferred_element_type is None
            and tuple(a % lhs.ndim for a in lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim))
            and tuple(rhs_contract) == tuple(range(n)))
   if plain:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.kernels import remat
 from mmjax.layers.attention import Attention, init_cache
 from mmjax.layers.mlp import SwiGLU
 from mmjax.layers.norms import LayerNorm, RMSNorm
@@ -183,4 +184,4 @@ def test_the_projection_backward_is_custom_outside_remat_and_jax_own_inside():
   assert outside.count("dot_general[") > 5  # what the context exists to avoid
   with linear.rematerialised():
     pass
-  assert not linear._REMATERIALISED.get()  # pylint: disable=protected-access
+  assert not remat.active()

@@ -25,12 +25,25 @@ constant only, which softmax ignores.
 
 A query row with no allowed key produces zeros (not the uniform average a large negative
 bias would give).
+
+Two computations of the same values. Under rematerialisation (`mmjax.kernels.remat`: the
+decoder's remat and scanned layers, the train step's remat policies) the grouped one
+(`_grouped`), differentiated by JAX, so that checkpoint policies see its products and the
+TPU fit table's programs stay as they were. Everywhere else the heads-major one
+(`_heads_major`) with its own backward pass: plain batched products, and the softmax's row
+sums taken over the head dim (the flash identity). On XLA:CPU it made issue 20's train steps
+1.10x (small) and 1.09x (large) faster (docs/training.md); tests/kernels/test_reference_backward.py
+checks the two agree to 1e-12 in float64 on every part of the mask language.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from mmjax.kernels import remat
 
 
 def default_positions(batch, query_length, key_length, query_positions=None, key_positions=None):
@@ -120,22 +133,104 @@ def attention_reference(
   )
   # Grouped-query attention: query head h reads key/value head h // (H // G).
   grouped = query.reshape(b, t, g, h // g, k)
-  logits = jnp.einsum("BTGRK,BSGK->BGRTS", grouped, key, preferred_element_type=jnp.float32)
-  logits = logits.astype(jnp.float32) * scale
+  bias = None
   if alibi_slopes is not None:
     qp, kp = default_positions(b, t, s, query_positions, key_positions)
-    distance = (kp[:, None, :] - qp[:, :, None]).astype(jnp.float32)  # [B, T, S]
-    slopes = alibi_slopes.astype(jnp.float32).reshape(g, h // g)
-    logits = logits + slopes[None, :, :, None, None] * distance[:, None, None]
+    acc = _acc(query, key)
+    distance = (kp[:, None, :] - qp[:, :, None]).astype(acc)  # [B, T, S]
+    slopes = alibi_slopes.astype(acc).reshape(g, h // g)
+    bias = slopes[None, :, :, None, None] * distance[:, None, None]  # [B, G, R, T, S]
   mask = mask[:, None, None, :, :]
-  logits = jnp.where(mask, logits, -jnp.inf)
+  if remat.active():
+    out = _grouped(grouped, key, value, mask, bias, scale)
+  else:
+    out = _heads_major(grouped, key, value, mask, bias, scale)
+  return out.reshape(b, t, h, k).astype(value.dtype)
+
+
+def _acc(*xs) -> jnp.dtype:
+  """The dtype of logits, softmax and accumulation: float32, or float64 for float64 inputs."""
+  return jnp.dtype(jnp.float64 if any(x.dtype == jnp.float64 for x in xs) else jnp.float32)
+
+
+def _softmax(logits: jax.Array) -> jax.Array:
+  """Softmax over the last axis of logits with -inf at disallowed keys."""
   # The max only keeps exp() in range; it cancels out of the result, so no gradient.
   row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   weights = jnp.exp(logits - row_max)
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   # Rows with no allowed key: weights are all 0; dividing by 1 keeps them 0.
-  probs = weights / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum("BGRTS,BSGK->BTGRK", probs.astype(value.dtype), value,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, t, h, k).astype(value.dtype)
+  return weights / jnp.where(denom > 0, denom, 1.0)
+
+
+def _grouped(grouped, key, value, mask, bias, scale):
+  """Attention of grouped queries [B, T, G, R, K] over key, value [B, S, G, K] (mask and
+  bias over [B, G, R, T, S]), differentiated by JAX: float32 [B, T, G, R, K].
+
+  Used where a checkpoint policy must see the products (`mmjax.kernels.remat`), so that
+  programs compiled with remat (the TPU fit table) stay as they were.
+  """
+  acc = _acc(grouped, key)
+  logits = jnp.einsum("BTGRK,BSGK->BGRTS", grouped, key, preferred_element_type=acc)
+  logits = logits.astype(acc) * scale
+  if bias is not None:
+    logits = logits + bias
+  probs = _softmax(jnp.where(mask, logits, -jnp.inf))
+  return jnp.einsum("BGRTS,BSGK->BTGRK", probs.astype(value.dtype), value,
+                    preferred_element_type=acc)
+
+
+def _heads_major(grouped, key, value, mask, bias, scale):
+  """`_grouped` computed with the heads leading (queries [B, G, R x T, K], keys and values
+  [B, G, S, K]) and its own backward pass (`_attend`): the same values.
+
+  Why (docs/training.md, issue 20): every product is then a plain batched matrix product,
+  which XLA:CPU hands to its fast library, where the grouped layout made it copy the
+  [T, S] probabilities and their gradient between layouts; and the softmax's backward
+  needs the row sums of dP * P, which `_attend` takes over K instead of S.
+  """
+  b, t, g, r, k = grouped.shape
+  s = key.shape[1]
+  fold = lambda x: jnp.broadcast_to(x, (b, x.shape[1], r, t, s)).reshape(b, x.shape[1], r * t, s)
+  out = _attend(grouped.transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, k), key.transpose(0, 2, 1, 3),
+                value.transpose(0, 2, 1, 3), fold(mask),
+                jnp.zeros((), _acc(grouped, key)) if bias is None else fold(bias), scale)
+  return out.reshape(b, g, r, t, k).transpose(0, 3, 1, 2, 4)
+
+
+def _attend_forward(query, key, value, mask, bias, scale):
+  acc = _acc(query, key)
+  logits = jnp.einsum("BGMK,BGSK->BGMS", query, key, preferred_element_type=acc)
+  probs = _softmax(jnp.where(mask, logits.astype(acc) * scale + bias, -jnp.inf))
+  out = jnp.einsum("BGMS,BGSK->BGMK", probs.astype(value.dtype), value, preferred_element_type=acc)
+  return out, probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend(query, key, value, mask, bias, scale):
+  """float32 (float64 for float64 inputs) [B, G, M, K] of query [B, G, M, K] over key, value [B, G, S, K]; mask and
+  bias broadcast to [B, G, M, S] and get no gradient (neither depends on a parameter)."""
+  return _attend_forward(query, key, value, mask, bias, scale)[0]
+
+
+def _attend_fwd(query, key, value, mask, bias, scale):
+  out, probs = _attend_forward(query, key, value, mask, bias, scale)
+  return out, (query, key, value, probs, out)
+
+
+def _attend_bwd(scale, residuals, dout):
+  query, key, value, probs, out = residuals
+  f32 = lambda x: x.astype(dout.dtype)  # float32 (float64 for float64 inputs)
+  dvalue = jnp.einsum("BGMS,BGMK->BGSK", probs, dout)
+  dprobs = jnp.einsum("BGMK,BGSK->BGMS", dout, f32(value))
+  # The softmax's backward needs sum_s P * dP per row; it equals sum_k dO * O (O = P V), a
+  # reduction over the head dim rather than over the keys (as flash attention computes it).
+  delta = jnp.sum(dout * out, axis=-1, keepdims=True)
+  dlogits = probs * (dprobs - delta) * scale  # 0 wherever P is 0: masked keys, empty rows
+  dquery = jnp.einsum("BGMS,BGSK->BGMK", dlogits, f32(key))
+  dkey = jnp.einsum("BGMS,BGMK->BGSK", dlogits, f32(query))
+  return dquery.astype(query.dtype), dkey.astype(key.dtype), dvalue.astype(value.dtype), None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
