@@ -82,6 +82,9 @@ class Attention(nn.Module):
     b, t, d = x.shape
     h, k = self.num_heads, self.head_dim
     g = self.num_kv_heads or h
+    # Without positions they are the indices; the attention is told so (None), which lets the
+    # XLA path cut causal self-attention into blocks.
+    indices = positions is None and cache is None
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     q = dense((h, k), ("embed", "heads", "kv"), use_bias=self.use_bias, dtype=self.dtype, name="query")(x)
@@ -110,8 +113,8 @@ class Attention(nn.Module):
     out = dot_product_attention(
         q, key, value,
         causal=causal or cache is not None,
-        query_positions=positions,
-        key_positions=key_positions,
+        query_positions=None if indices else positions,
+        key_positions=None if indices else key_positions,
         query_segment_ids=segment_ids,
         key_segment_ids=key_segment_ids,
         sliding_window=self.sliding_window,

@@ -238,7 +238,7 @@ class DecoderLayer(nn.Module):
   weights_after_input: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
+  def __call__(self, x: jax.Array, positions: jax.Array | None, cache: dict | None = None,
                segment_ids: jax.Array | None = None):
     c = self.config
     tie = (lambda cls: _read_after(x, cls)) if self.weights_after_input else (lambda cls: cls)
@@ -423,9 +423,9 @@ class Decoder(nn.Module):
       raise ValueError(f"embeddings have shape {x.shape}; expected [batch, length, {c.width}]")
     b, t, _ = x.shape
     indices = insert_layer_indices(c.depth, self.insert)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if positions.shape != (b, t):
+    # Positions stay None when not given: the attention then knows they are the indices (and
+    # cuts causal self-attention into blocks on the XLA path, mmjax.kernels.attention.reference).
+    if positions is not None and positions.shape != (b, t):
       raise ValueError(f"positions have shape {positions.shape}; expected {(b, t)}")
     if segment_ids is not None and segment_ids.shape != (b, t):
       raise ValueError(f"segment_ids have shape {segment_ids.shape}; expected {(b, t)}")
@@ -434,7 +434,8 @@ class Decoder(nn.Module):
                        f" (init_decoder_cache of this config, scan_layers={c.scan_layers})")
     if c.positions == "learned":
       # OPT's table starts position_offset rows in; a padding token's position may be anything.
-      rows = jnp.clip(positions + c.position_offset, 0, c.max_length + c.position_offset - 1)
+      at = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
+      rows = jnp.clip(at + c.position_offset, 0, c.max_length + c.position_offset - 1)
       x = x + self.pos_embed(rows).astype(x.dtype)
     if insert_state is not None and indices and c.scan_layers and "blocks" not in insert_state:
       insert_state = {"blocks": stack([insert_state[f"{self.insert.name}_{i}"] for i in indices])}

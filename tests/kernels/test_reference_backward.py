@@ -30,6 +30,12 @@ CASES = [
     Case("causal_window_alibi_gqa", batch=1, query_length=40, key_length=40, heads=4, kv_heads=2,
          causal=True, sliding_window=9, alibi=True),
     Case("cross_attention_no_mask", batch=3, query_length=7, key_length=12, heads=3, kv_heads=3),
+    # Causal over the indices from 128 rows on goes in blocks (2 of 65 rows here; 3 of 67, 67
+    # and 66 below), each over the keys up to its end, with segments, a window and ALiBi.
+    Case("causal_blocks_ragged_segments", batch=2, query_length=130, key_length=130, heads=4, kv_heads=2,
+         head_dim=8, causal=True, segments=True),
+    Case("causal_blocks_window_alibi", batch=1, query_length=200, key_length=200, heads=2, kv_heads=1,
+         head_dim=8, causal=True, sliding_window=70, alibi=True),
 ]
 
 
@@ -61,6 +67,19 @@ def test_own_backward_equals_jax_differentiation_in_float64(case, float64):
   errors = {"out": rel_err(out, want_out),
             **{n: rel_err(g, w) for n, g, w in zip(("dq", "dk", "dv"), grads, want_grads)}}
   assert all(e <= 1e-12 for e in errors.values()), f"{case.name}: {errors}"
+
+
+@pytest.mark.parametrize("length, blocks", [(64, 1), (127, 1), (128, 2), (200, 3), (256, 4), (1024, 8)])
+def test_causal_attention_over_the_indices_goes_in_blocks(length, blocks):
+  q = jnp.zeros((1, length, 2, 8))
+  k = jnp.zeros((1, length, 1, 8))
+  jaxpr = str(jax.make_jaxpr(lambda q, k: reference.attention_reference(q, k, k, causal=True))(q, k))
+  assert jaxpr.count("custom_vjp_call") == blocks
+  # Given positions may not follow the indices (left padding): no blocks then.
+  positions = jnp.zeros((1, length), jnp.int32)
+  jaxpr = str(jax.make_jaxpr(lambda q, k: reference.attention_reference(
+      q, k, k, causal=True, query_positions=positions, key_positions=positions))(q, k))
+  assert jaxpr.count("custom_vjp_call") == 1
 
 
 def test_own_backward_in_float32_and_bfloat16():

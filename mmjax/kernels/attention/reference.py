@@ -144,7 +144,11 @@ def attention_reference(
   if remat.active():
     out = _grouped(grouped, key, value, mask, bias, scale)
   else:
-    out = _heads_major(grouped, key, value, mask, bias, scale)
+    # Causal over the indices themselves (no positions given): the queries of a block of
+    # rows see no key past the block's end, so each block attends only up to it.
+    indices = causal and query_positions is None and key_positions is None and t == s
+    blocks = min(CAUSAL_BLOCKS, t // CAUSAL_BLOCK_ROWS) if indices and t >= 2 * CAUSAL_BLOCK_ROWS else 1
+    out = _heads_major(grouped, key, value, mask, bias, scale, blocks)
   return out.reshape(b, t, h, k).astype(value.dtype)
 
 
@@ -181,9 +185,19 @@ def _grouped(grouped, key, value, mask, bias, scale):
                     preferred_element_type=acc)
 
 
-def _heads_major(grouped, key, value, mask, bias, scale):
+# Causal self-attention over the indices is cut into at most CAUSAL_BLOCKS blocks of at least
+# CAUSAL_BLOCK_ROWS query rows; block i attends to the keys before its end only (forward and
+# backward of the LM's attention, 8 x 256 tokens, 8 heads over 4 of 64: 40.8 ms whole, 31.8
+# in 2 blocks, 30.0 in 4; at 512 tokens 85.3, 50.8 in 4, 46.9 in 8; at 64 no difference).
+CAUSAL_BLOCKS = 8
+CAUSAL_BLOCK_ROWS = 64
+
+
+def _heads_major(grouped, key, value, mask, bias, scale, blocks: int = 1):
   """`_grouped` computed with the heads leading (queries [B, G, R x T, K], keys and values
-  [B, G, S, K]) and its own backward pass (`_attend`): the same values.
+  [B, G, S, K]) and its own backward pass (`_attend`): the same values. With ``blocks`` > 1
+  (causal over the indices only) the query rows go in that many blocks, each over the keys
+  up to its last row.
 
   Why (docs/training.md, issue 20): every product is then a plain batched matrix product,
   which XLA:CPU hands to its fast library, where the grouped layout made it copy the
@@ -192,11 +206,21 @@ def _heads_major(grouped, key, value, mask, bias, scale):
   """
   b, t, g, r, k = grouped.shape
   s = key.shape[1]
-  fold = lambda x: jnp.broadcast_to(x, (b, x.shape[1], r, t, s)).reshape(b, x.shape[1], r * t, s)
-  out = _attend(grouped.transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, k), key.transpose(0, 2, 1, 3),
-                value.transpose(0, 2, 1, 3), fold(mask),
-                jnp.zeros((), _acc(grouped, key)) if bias is None else fold(bias), scale)
-  return out.reshape(b, g, r, t, k).transpose(0, 3, 1, 2, 4)
+  query = grouped.transpose(0, 2, 3, 1, 4)  # [B, G, R, T, K]
+  key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+  no_bias = jnp.zeros((), _acc(grouped, key))
+  rows = -(-t // blocks)
+  outs = []
+  for start in range(0, t, rows):
+    stop = min(t, start + rows)
+    n, keys = stop - start, (s if blocks == 1 else stop)
+    fold = lambda x: jnp.broadcast_to(x[..., start:stop, :keys], (b, x.shape[1], r, n, keys)).reshape(
+        b, x.shape[1], r * n, keys)
+    out = _attend(query[:, :, :, start:stop].reshape(b, g, r * n, k), key[:, :, :keys], value[:, :, :keys],
+                  fold(mask), no_bias if bias is None else fold(bias), scale)
+    outs.append(out.reshape(b, g, r, n, k))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+  return out.transpose(0, 3, 1, 2, 4)
 
 
 def _attend_forward(query, key, value, mask, bias, scale):
