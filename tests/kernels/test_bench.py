@@ -24,7 +24,9 @@ def test_bench_attention_on_cpu_shows_linear_kernel_memory_and_quadratic_referen
     # in 8 blocks (mmjax.kernels.attention.reference), so the [T, S] part is a smaller share
     # beside the linear one (3.44x and 3.67x here in float32 since 2026-12-03, 3.9x before).
     assert 3.0 <= xla_growth <= 4.4, xla_growth
-  assert rows[2048]["fwd_ratio"] >= 10
+  # The kernel's forward needs a small fraction of the XLA path's memory at 2048 tokens (32 MiB
+  # against 316 in float32 since the causal blocks, 512 before: 9.9x, was 16x).
+  assert rows[2048]["fwd_ratio"] >= 8
   assert "| self T=S=2048 causal |" in out.with_suffix(".md").read_text()
 
 
