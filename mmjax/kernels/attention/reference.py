@@ -233,8 +233,9 @@ def _attend_forward(query, key, value, mask, bias, scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attend(query, key, value, mask, bias, scale):
-  """float32 (float64 for float64 inputs) [B, G, M, K] of query [B, G, M, K] over key, value [B, G, S, K]; mask and
-  bias broadcast to [B, G, M, S] and get no gradient (neither depends on a parameter)."""
+  """[B, G, M, K] in the accumulation dtype (`_acc`) of query [B, G, M, K] over key, value
+  [B, G, S, K]; mask and bias broadcast to [B, G, M, S] and get no gradient (neither
+  depends on a parameter)."""
   return _attend_forward(query, key, value, mask, bias, scale)[0]
 
 
@@ -245,15 +246,15 @@ def _attend_fwd(query, key, value, mask, bias, scale):
 
 def _attend_bwd(scale, residuals, dout):
   query, key, value, probs, out = residuals
-  f32 = lambda x: x.astype(dout.dtype)  # float32 (float64 for float64 inputs)
+  acc = lambda x: x.astype(dout.dtype)  # dout, like the output, is in the accumulation dtype
   dvalue = jnp.einsum("BGMS,BGMK->BGSK", probs, dout)
-  dprobs = jnp.einsum("BGMK,BGSK->BGMS", dout, f32(value))
+  dprobs = jnp.einsum("BGMK,BGSK->BGMS", dout, acc(value))
   # The softmax's backward needs sum_s P * dP per row; it equals sum_k dO * O (O = P V), a
   # reduction over the head dim rather than over the keys (as flash attention computes it).
   delta = jnp.sum(dout * out, axis=-1, keepdims=True)
   dlogits = probs * (dprobs - delta) * scale  # 0 wherever P is 0: masked keys, empty rows
-  dquery = jnp.einsum("BGMS,BGSK->BGMK", dlogits, f32(key))
-  dkey = jnp.einsum("BGMS,BGMK->BGSK", dlogits, f32(query))
+  dquery = jnp.einsum("BGMS,BGSK->BGMK", dlogits, acc(key))
+  dkey = jnp.einsum("BGMS,BGMK->BGSK", dlogits, acc(query))
   return dquery.astype(query.dtype), dkey.astype(key.dtype), dvalue.astype(value.dtype), None, None
 
 
